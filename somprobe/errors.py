@@ -1,0 +1,35 @@
+"""Exception types of somprobe. Each message names the problem and the fix."""
+from __future__ import annotations
+
+__all__ = [
+    "SomprobeError", "DataError", "ModelError", "StoreError", "SOMError", "AnalysisError",
+    "AttackError",
+]
+
+
+class SomprobeError(ValueError):
+    """Base class of somprobe's errors (a ``ValueError``, so callers may catch either)."""
+
+
+class DataError(SomprobeError):
+    """A dataset cannot be found, read or split as asked."""
+
+
+class ModelError(SomprobeError):
+    """A model, checkpoint or layer name cannot be resolved."""
+
+
+class StoreError(SomprobeError):
+    """A code store is missing, incomplete, inconsistent or corrupt."""
+
+
+class SOMError(SomprobeError):
+    """A SOM cannot be built, trained or applied to the given data."""
+
+
+class AnalysisError(SomprobeError):
+    """An analysis lacks its inputs or they do not fit together."""
+
+
+class AttackError(SomprobeError):
+    """An attack's parameters or inputs are out of range."""
