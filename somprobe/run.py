@@ -108,6 +108,10 @@ class Run:
     def table(self, name: str) -> Path:
         return self.analysis_dir / f"{_check_name('table', name)}.csv"
 
+    def weight_distances_path(self, layer: str, m: int, n: int) -> Path:
+        """float32 G×G cosine distances between the unit weights of one SOM (``.npy``)."""
+        return self.analysis_dir / "weight_distances" / f"{som_key(layer, m, n)}.npy"
+
     @property
     def figures_dir(self) -> Path:
         return self.analysis_dir / "figures"
