@@ -93,7 +93,8 @@ def _parse_sizes(sizes) -> set[tuple[int, int]] | None:
 def find_soms(run, *, sizes=None, layers=None) -> list[SOMEntry]:
     """Fitted SOMs of a run (``soms/<layer>-<m>x<n>.pt``), naturally sorted by layer then size.
 
-    The layer name comes from the ``.json`` sidecar's ``"layer"`` key when present (file stems
+    The layer name comes from the ``.json`` sidecar's ``"layer"`` (or ``"meta": {"layer"}``) key
+    when present (file stems
     replace ``:`` by ``_``), else from the file stem. ``sizes`` (``20``, ``"20x30"``, ``(20, 30)``
     or a list of them) and ``layers`` filter the result.
 
@@ -114,8 +115,10 @@ def find_soms(run, *, sizes=None, layers=None) -> list[SOMEntry]:
             side = p.with_suffix(".json")
             if side.is_file():
                 try:
-                    layer = str(json.loads(side.read_text()).get("layer", layer))
-                except (json.JSONDecodeError, AttributeError):
+                    info = json.loads(side.read_text())
+                    meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+                    layer = str(info.get("layer", meta.get("layer", layer)))
+                except (OSError, json.JSONDecodeError, AttributeError):
                     pass
             found[p.stem] = SOMEntry(layer, int(mt["m"]), int(mt["n"]), p)
     if not found:
