@@ -199,6 +199,9 @@ def test_find_soms_filters(digits_run):
     assert [e.layer for e in find_soms(digits_run)] == ["CL1", "CLS2", "CLS12"]
     assert [e.layer for e in find_soms(digits_run, layers=["CLS12"], sizes="8x8")] == ["CLS12"]
     assert len(find_soms(digits_run, sizes=8)) == 3
+    assert len(find_soms(digits_run, sizes="5,8x8")) == 3  # the CLI's comma-separated --size
+    with pytest.raises(AnalysisError, match="cannot read SOM size"):
+        find_soms(digits_run, sizes="big")
 
 
 def test_shift_run_noise_vs_adversarial_like(digits_run, tmp_path):

@@ -73,7 +73,9 @@ def _parse_sizes(sizes) -> set[tuple[int, int]] | None:
     # as in fit_run: an int is a square size, so (10, 20) means 10×10 and 20×20
     if sizes is None:
         return None
-    if isinstance(sizes, (int, np.integer, str)):
+    if isinstance(sizes, str):
+        sizes = [t for t in sizes.split(",") if t.strip()]  # the CLI's "--size 10,20x30"
+    elif isinstance(sizes, (int, np.integer)):
         sizes = [sizes]
     out = set()
     for s in sizes:
@@ -323,7 +325,7 @@ def analyze_run(run, *, sizes=None, layers=None, splits=None, train_split: str =
     ----------
     run : Run or path
     sizes : int, str, tuple or list of them, optional
-        SOM sizes to analyse (``20`` = 20×20, ``"20x30"``); default all fitted.
+        SOM sizes to analyse (``20`` = 20×20, ``"20x30"``, ``"10,20"``); default all fitted.
     layers : list of str, optional
         Layers to analyse; default all fitted (CL1–CL4, CLS1–CLS12, … are plain names).
     splits : list of str, optional
@@ -443,8 +445,8 @@ def shift_run(run, *, clean_split: str = "som-val", perturbed_splits=None, sizes
     clean_split : str
         Split of the clean inputs the perturbations were made from.
     perturbed_splits : list of str, optional
-        Code-store splits of perturbed inputs; default every split whose name starts with
-        ``adv`` or ``noise`` (``somprobe attack`` names them ``adv-<attack>`` and ``noise``).
+        Code-store splits of perturbed inputs; default every split made by ``somprobe attack``
+        (an ``attacks/<split>`` directory) or named ``adv*`` / ``noise*``.
         Perturbed inputs are matched to clean ones by sample id; the perturbed store may hold a
         subset in any order.
     sizes, layers
@@ -474,7 +476,8 @@ def shift_run(run, *, clean_split: str = "som-val", perturbed_splits=None, sizes
         root = run.soms_dir / "bmus"
         if root.is_dir():
             cand |= {d.name for d in root.iterdir() if d.is_dir()}
-        perturbed_splits = sorted(s for s in cand if s.startswith(("adv", "noise")))
+        perturbed_splits = sorted(s for s in cand if s != clean_split and (
+            s.startswith(("adv", "noise")) or run.attack_dir(s).is_dir()))
         if not perturbed_splits:
             raise AnalysisError(
                 f"no perturbed split (adv-*, noise*) in {run.root}: run `somprobe attack` first"
