@@ -84,6 +84,10 @@ class _Rows:
             out = self.t[idx]
             return out.to(device=self.device, dtype=torch.float32)
         out = np.asarray(self.a[idx], dtype=np.float32)
+        if not out.flags.writeable:
+            # a slice of a read-only memmap: copy this chunk (never the whole array) so torch
+            # owns writable memory
+            out = np.array(out, dtype=np.float32, order="C")
         return torch.from_numpy(np.ascontiguousarray(out)).to(self.device)
 
     def ranges(self, rows: int):
