@@ -1,5 +1,4 @@
 """Class centres, D_class and correct-vs-incorrect: hand-worked cases and brute-force references."""
-import itertools
 import math
 from collections import Counter
 
