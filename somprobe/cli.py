@@ -245,18 +245,35 @@ def fit(out, size, layers, train_split, topology, metric, sigma, alpha, decay, e
 @click.option("--size", help="Only these SOM sizes (default: all fitted).")
 @click.option("--layers", help="Only these layers (default: all fitted).")
 @click.option("--train-split", default="som-tr", show_default=True, help="Split the class centres come from.")
+@click.option("--val-split", default="som-val", show_default=True, help="Split of the correct-vs-incorrect analysis.")
+@click.option("--splits", help="Splits to analyse, comma separated (default: every split with BMUs).")
+@click.option("--method", type=click.Choice(["unfold", "circular"]), default="unfold", show_default=True,
+              help="Class centre: the paper's unfolding around the most frequent BMU, or a circular mean.")
+@click.option("--k", "k", type=int, help="BMUs per input in D_class (default: all stored, 10).")
+@click.option("--k-centre", type=int, help="BMUs per input in the centre of mass (default: all stored).")
+@click.option("--bandwidth", default="1.0", show_default=True,
+              help="Density kernel width in grid units, or `scott`.")
+@click.option("--resolution", type=int, default=1, show_default=True, help="Density points per unit.")
+@click.option("--bmu-classes", help="Classes shown in the class-BMU figure (default: 4 drawn with --seed).")
+@click.option("--n-centre-classes", type=int, default=100, show_default=True,
+              help="Class centres compared in centre_similarity (study 003: 100).")
 @SEED
 @click.option("--no-figures", is_flag=True, help="Tables only.")
 @QUIET
 @_friendly
-def analyze(out, size, layers, train_split, seed, no_figures, quiet):
+def analyze(out, size, layers, train_split, val_split, splits, method, k, k_centre, bandwidth,
+            resolution, bmu_classes, n_centre_classes, seed, no_figures, quiet):
     """Class centres, D_class, BMU density, weight and centre similarity → RUN/analysis/."""
     from .analysis.job import analyze_run
 
     run = Run(out)
     _log_command(run)
-    tables = analyze_run(run, sizes=size, layers=_csv(layers), train_split=train_split, seed=seed,
-                         progress=not quiet)
+    bw = bandwidth if bandwidth == "scott" else _fraction(bandwidth, "--bandwidth")
+    tables = analyze_run(run, sizes=size, layers=_csv(layers), splits=_csv(splits),
+                         train_split=train_split, val_split=val_split, method=method, k=k,
+                         k_centre=k_centre, bandwidth=bw, resolution=resolution,
+                         bmu_classes=_csv(bmu_classes, int), n_centre_classes=n_centre_classes,
+                         seed=seed, progress=not quiet)
     for name, df in tables.items():
         click.echo(f"{name}: {len(df)} rows → {run.table(name)}")
     if not no_figures:
@@ -275,16 +292,19 @@ def _figures(run: Run, quiet: bool) -> None:
 @click.option("--clean", "clean_split", default="som-val", show_default=True, help="Clean split.")
 @click.option("--perturbed", help="Perturbed splits, comma separated (default: every attack of the run).")
 @click.option("--size", help="Only these SOM sizes (default: all fitted).")
+@click.option("--layers", help="Only these layers (default: all fitted).")
+@click.option("--k", "k", type=int, help="BMU ranks compared (default: all stored, 10).")
 @click.option("--no-figures", is_flag=True, help="Tables only.")
 @QUIET
 @_friendly
-def shift(out, clean_split, perturbed, size, no_figures, quiet):
+def shift(out, clean_split, perturbed, size, layers, k, no_figures, quiet):
     """Torus distance between top-10 BMUs of clean inputs and their perturbed twins, per layer."""
     from .analysis.job import shift_run
 
     run = Run(out)
     _log_command(run)
-    tables = shift_run(run, clean_split=clean_split, perturbed_splits=_csv(perturbed), sizes=size)
+    tables = shift_run(run, clean_split=clean_split, perturbed_splits=_csv(perturbed), sizes=size,
+                       layers=_csv(layers), k=k, progress=not quiet)
     for name, df in tables.items():
         click.echo(f"{name}: {len(df)} rows → {run.table(name)}")
     if "shift_summary" in tables:
