@@ -1,0 +1,896 @@
+"""Seaborn figures from the tidy analysis tables of a run (study 003's figures).
+
+Every function takes DataFrames with the schemas pinned in ``docs/interfaces.md`` ("Tidy
+tables") and returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes one PNG
+atomically and :func:`plot_run` makes every figure whose tables exist. Plots never compute
+statistics beyond what seaborn does for display (box plots); summaries come from the analysis.
+
+Figures are built on bare :class:`~matplotlib.figure.Figure` objects (the Agg canvas), never
+through pyplot, so no window can open and no global figure registry fills up in long runs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from .errors import AnalysisError
+from .run import Run, atomic_path
+
+__all__ = [
+    "DPI", "natural_key", "natural_sorted", "save_figure", "plot_curves", "plot_density",
+    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances",
+    "plot_weight_similarity", "plot_centre_similarity", "plot_correct_incorrect", "plot_shifts",
+    "plot_attacks", "plot_run",
+]
+
+DPI = 180
+_PALETTE = "colorblind"
+_DENSITY_CMAP = "viridis"
+_COUNT_CMAP = "mako_r"      # light at zero: empty units stay pale
+_DISTANCE_CMAP = "rocket_r"
+_SPLIT_LABELS = {"som-tr": "SOM-tr", "som-val": "SOM-val"}
+_GRID_UNIT = "torus distance, grid units"
+
+
+# ordering -------------------------------------------------------------------------------------
+def natural_key(value) -> list:
+    """Sort key that orders embedded numbers by value: ``CL2`` before ``CL10``, ``10x10`` before
+    ``20x20``. Even positions are text, odd positions integers, so any two keys compare."""
+    parts = re.split(r"(\d+)", str(value))
+    return [int(p) if i % 2 else p.lower() for i, p in enumerate(parts)]
+
+
+def natural_sorted(values: Iterable) -> list:
+    """Unique ``values`` (NaN dropped) in natural order (see :func:`natural_key`)."""
+    uniq = pd.unique(pd.Series(list(values)).dropna())
+    return sorted(uniq, key=natural_key)
+
+
+def _split_order(values: Iterable) -> list:
+    # SOM-tr is the reference (centres come from it) so it always comes first, SOM-val next.
+    vals = natural_sorted(values)
+    first = [s for s in ("som-tr", "som-val") if s in vals]
+    return first + [s for s in vals if s not in first]
+
+
+def _perturbation_order(values: Iterable) -> list:
+    vals = natural_sorted(values)
+    adv = [v for v in vals if str(v).lower().startswith("adv")]
+    noise = [v for v in vals if "noise" in str(v).lower() and v not in adv]
+    return adv + noise + [v for v in vals if v not in adv and v not in noise]
+
+
+def _split_label(split) -> str:
+    return _SPLIT_LABELS.get(str(split), str(split))
+
+
+# style and saving -----------------------------------------------------------------------------
+def _rc() -> dict:
+    rc = dict(sns.axes_style("ticks"))
+    rc.update(sns.plotting_context("paper", font_scale=1.25))
+    rc.update({
+        "savefig.dpi": DPI, "figure.dpi": 100, "axes.spines.top": False,
+        "axes.spines.right": False, "axes.titleweight": "bold", "legend.frameon": False,
+        "image.cmap": _DENSITY_CMAP,
+    })
+    return rc
+
+
+@contextmanager
+def _style():
+    # rc_context instead of sns.set_theme: the caller's global matplotlib state stays untouched.
+    with mpl.rc_context(_rc()):
+        yield
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(max(width, 3.0), max(height, 2.5)), layout="constrained")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (temporary file + rename) and close it.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure; it is cleared afterwards, even when writing fails.
+    path : path-like
+        Target ``.png``; parent folders are created.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        with _style():
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _close(fig)
+    return path
+
+
+def _close(fig: Figure) -> None:
+    if "matplotlib.pyplot" in sys.modules and getattr(fig.canvas, "manager", None) is not None:
+        sys.modules["matplotlib.pyplot"].close(fig)
+    else:
+        fig.clear()
+
+
+# validation -----------------------------------------------------------------------------------
+def _check(df: pd.DataFrame, table: str, columns: Sequence[str]) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"table {table!r} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AnalysisError(
+            f"table {table!r} lacks column(s) {missing} (has {list(df.columns)}); it was written "
+            "by another version of somprobe: re-run `somprobe analyze` to rewrite it"
+        )
+    return df
+
+
+def _select_size(df: pd.DataFrame, table: str, size: str | None) -> tuple[pd.DataFrame, str]:
+    sizes = natural_sorted(df["size"].astype(str))
+    if not sizes:
+        raise AnalysisError(f"table {table!r} has no rows: run `somprobe analyze` to fill it")
+    if size is None:
+        if len(sizes) > 1:
+            raise AnalysisError(
+                f"table {table!r} holds SOM sizes {sizes}: pass size= one of them"
+            )
+        size = sizes[0]
+    size = str(size)
+    out = df[df["size"].astype(str) == size]
+    if out.empty:
+        raise AnalysisError(
+            f"table {table!r} has no rows for SOM size {size!r}; sizes present: {sizes}"
+        )
+    return out, size
+
+
+def _finite(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    # inf would stretch the axis to nothing useful; seaborn drops NaN itself, so map inf to NaN.
+    vals = pd.to_numeric(df[column], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    return df.assign(**{column: vals})
+
+
+def _grid_shape(size: str, df: pd.DataFrame | None = None) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if df is not None and {"row", "col"} <= set(df.columns) and len(df):
+        return int(df["row"].max()) + 1, int(df["col"].max()) + 1
+    raise AnalysisError(f"SOM size {size!r} is not of the form '<m>x<n>' (e.g. '20x20')")
+
+
+def _empty_panel(ax, text="no data") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _grid_matrix(df: pd.DataFrame, value: str, m: int, n: int, fill=np.nan) -> np.ndarray:
+    """Place ``value`` at (row, col) on an m×n array; units absent from ``df`` get ``fill``."""
+    mat = np.full((m, n), fill, dtype=float)
+    if len(df):
+        r = df["row"].to_numpy(dtype=np.int64)
+        c = df["col"].to_numpy(dtype=np.int64)
+        ok = (r >= 0) & (r < m) & (c >= 0) & (c < n)
+        if not ok.all():
+            raise AnalysisError(
+                f"rows/cols outside the {m}x{n} grid (e.g. row {r[~ok][0]}, col {c[~ok][0]}): "
+                "the table and the SOM size disagree; re-run `somprobe analyze`"
+            )
+        v = pd.to_numeric(df[value], errors="coerce").to_numpy(dtype=float)
+        keep = np.isfinite(v)
+        # Several rows on one unit (not expected in a tidy table) are summed, not dropped.
+        total = np.zeros((m, n))
+        np.add.at(total, (r[keep], c[keep]), v[keep])
+        seen = np.zeros((m, n), dtype=bool)
+        seen[r[keep], c[keep]] = True
+        mat[seen] = total[seen]
+    return mat
+
+
+def _grid_ticks(ax, m: int, n: int) -> None:
+    step_r = max(1, int(np.ceil(m / 4)))
+    step_c = max(1, int(np.ceil(n / 4)))
+    ax.set_yticks(np.arange(0, m, step_r))
+    ax.set_xticks(np.arange(0, n, step_c))
+    ax.tick_params(length=2, labelsize="small")
+
+
+def _heat(ax, mat, *, cmap, vmin, vmax):
+    # origin="upper": row 0 at the top, as the grid is indexed row-major like a matrix.
+    return ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
+                     origin="upper", aspect="equal")
+
+
+def _range(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+# figures ---------------------------------------------------------------------------------------
+def plot_curves(curves: pd.DataFrame, *, x: str = "samples") -> Figure:
+    """SOM training loss per layer (study 003, Fig 3): one panel per SOM size, hue = layer.
+
+    Parameters
+    ----------
+    curves : DataFrame
+        ``run.curves_csv`` (layer, size, epoch, step, samples, loss, ...).
+    x : {"samples", "step", "epoch"}
+        Abscissa: training inputs seen, update steps or epochs.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if x not in ("samples", "step", "epoch"):
+        raise ValueError(f"x={x!r}: choose 'samples', 'step' or 'epoch'")
+    df = _finite(_check(curves, "curves", ["layer", "size", x, "loss"]), "loss")
+    df = df.assign(size=df["size"].astype(str), layer=df["layer"].astype(str))
+    sizes = natural_sorted(df["size"])
+    layers = natural_sorted(df["layer"])
+    if not sizes:
+        raise AnalysisError("the SOM training curves table is empty: run `somprobe fit`")
+    xlabel = {"samples": "training inputs seen", "step": "update step", "epoch": "epoch"}[x]
+    with _style():
+        fig = _new_figure(4.2 * len(sizes) + 1.2, 3.6)
+        axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
+        palette = dict(zip(layers, sns.color_palette(_PALETTE, len(layers))))
+        for ax, size in zip(axes, sizes):
+            sub = df[df["size"] == size].sort_values(["layer", x])
+            if sub["loss"].notna().any():
+                sns.lineplot(data=sub, x=x, y="loss", hue="layer", hue_order=layers,
+                             palette=palette, ax=ax, errorbar=None, estimator=None,
+                             units="layer", legend=ax is axes[-1], linewidth=1.4)
+            else:
+                _empty_panel(ax)
+            ax.set_title(f"SOM {size}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("SOM training loss")
+        if axes[-1].get_legend() is not None:
+            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.0, 1.0), title="layer")
+    return fig
+
+
+def plot_density(density: pd.DataFrame, *, size: str | None = None, col_wrap: int = 6) -> Figure:
+    """BMU density per layer on the m×n grid (Fig 4 / Supp 1): columns = layers, rows = splits.
+
+    Parameters
+    ----------
+    density : DataFrame
+        Table ``density`` (layer, size, split, row, col, density).
+    size : str, optional
+        SOM size ``"<m>x<n>"``; needed when the table holds several.
+    col_wrap : int
+        Layers per row before wrapping (ViT has 12 CLS layers).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One shared colour scale, so panels compare directly.
+    """
+    df = _check(density, "density", ["layer", "size", "split", "row", "col", "density"])
+    df, size = _select_size(df, "density", size)
+    df = _finite(df, "density")
+    m, n = _grid_shape(size, df)
+    layers = natural_sorted(df["layer"].astype(str))
+    splits = _split_order(df["split"].astype(str))
+    ncols = max(1, min(len(layers), col_wrap))
+    per_block = int(np.ceil(len(layers) / ncols))
+    vmin, vmax = _range(df["density"])
+    panel = 2.3 * max(1.0, min(1.6, n / m))
+    with _style():
+        fig = _new_figure(panel * ncols + 1.0, 2.4 * per_block * len(splits) + 0.6)
+        axes = fig.subplots(per_block * len(splits), ncols, squeeze=False)
+        image = None
+        for b, split in enumerate(splits):
+            for i in range(per_block * ncols):
+                ax = axes[b * per_block + i // ncols, i % ncols]
+                if i >= len(layers):
+                    ax.set_visible(False)
+                    continue
+                layer = layers[i]
+                sub = df[(df["layer"].astype(str) == layer) & (df["split"].astype(str) == split)]
+                ax.set_title(f"{layer} · {_split_label(split)}", fontsize="medium")
+                if sub["density"].notna().any():
+                    image = _heat(ax, _grid_matrix(sub, "density", m, n), cmap=_DENSITY_CMAP,
+                                  vmin=vmin, vmax=vmax)
+                    _grid_ticks(ax, m, n)
+                else:
+                    _empty_panel(ax)
+                if i % ncols == 0:
+                    ax.set_ylabel("grid row")
+                if b == len(splits) - 1 and i + ncols >= len(layers):
+                    ax.set_xlabel("grid column")
+        if image is not None:
+            fig.colorbar(image, ax=[a for a in axes.ravel() if a.get_visible()], shrink=0.8,
+                         label="BMU density (kernel estimate)")
+        fig.suptitle(f"BMU density on the {size} torus")
+    return fig
+
+
+def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
+                    classes: Sequence[int] | None = None, max_classes: int = 5) -> Figure:
+    """Top-10 BMUs of the inputs of chosen classes (Fig 5 / Supp 2).
+
+    Rows: for each layer, SOM-tr above SOM-val; columns: classes. Colour = number of BMU hits.
+
+    Parameters
+    ----------
+    class_bmus : DataFrame
+        Table ``class_bmus`` (layer, size, split, class, unit, row, col, count).
+    size : str, optional
+        SOM size; needed when the table holds several.
+    classes : sequence of int, optional
+        Classes to show; default the first ``max_classes`` classes present.
+    max_classes : int
+        Default number of classes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    df = _check(class_bmus, "class_bmus",
+                ["layer", "size", "split", "class", "row", "col", "count"])
+    df, size = _select_size(df, "class_bmus", size)
+    df = _finite(df, "count")
+    m, n = _grid_shape(size, df)
+    present = natural_sorted(df["class"])
+    if classes is None:
+        classes = present[:max_classes]
+    else:
+        absent = [c for c in classes if c not in set(present)]
+        if absent:
+            raise AnalysisError(f"classes {absent} are not in table 'class_bmus'; present: {present}")
+    if not len(classes):
+        raise AnalysisError("table 'class_bmus' has no classes: run `somprobe analyze`")
+    layers = natural_sorted(df["layer"].astype(str))
+    splits = _split_order(df["split"].astype(str))
+    rows = [(layer, split) for layer in layers for split in splits]
+    _, vmax = _range(df["count"])
+    with _style():
+        fig = _new_figure(2.0 * len(classes) + 1.4, 2.0 * len(rows) + 0.6)
+        axes = fig.subplots(len(rows), len(classes), squeeze=False)
+        image = None
+        for r, (layer, split) in enumerate(rows):
+            for c, cls in enumerate(classes):
+                ax = axes[r, c]
+                sub = df[(df["layer"].astype(str) == layer) & (df["split"].astype(str) == split)
+                         & (df["class"] == cls)]
+                # A unit no input of this class hit has a count of zero, not "unknown".
+                image = _heat(ax, _grid_matrix(sub, "count", m, n, fill=0.0), cmap=_COUNT_CMAP,
+                              vmin=0.0, vmax=vmax)
+                _grid_ticks(ax, m, n)
+                if r == 0:
+                    ax.set_title(f"class {cls}", fontsize="medium")
+                if c == 0:
+                    ax.set_ylabel(f"{layer}\n{_split_label(split)}")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="top-10 BMU hits")
+        fig.suptitle(f"Top-10 BMUs per class on the {size} torus")
+    return fig
+
+
+def _box(ax, df, *, x, y, hue, order, hue_order, kind="box"):
+    palette = dict(zip(hue_order, sns.color_palette(_PALETTE, len(hue_order))))
+    if df[y].notna().any():
+        if kind == "violin":
+            sns.violinplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hue_order,
+                           palette=palette, ax=ax, cut=0, inner="quartile", linewidth=0.8)
+        else:
+            sns.boxplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hue_order,
+                        palette=palette, ax=ax, fliersize=1.5, linewidth=0.9)
+    else:
+        _empty_panel(ax)
+
+
+def plot_dclass(dclass: pd.DataFrame, *, size: str | None = None) -> Figure:
+    """Per-class D_class per layer, SOM-tr vs SOM-val, as box plots (Fig 6A/B).
+
+    Parameters
+    ----------
+    dclass : DataFrame
+        Table ``dclass`` (layer, size, split, class, d_class, n_samples).
+    size : str, optional
+        SOM size; needed when the table holds several.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One box per (layer, split); each box summarises the classes.
+    """
+    df = _check(dclass, "dclass", ["layer", "size", "split", "class", "d_class"])
+    df, size = _select_size(df, "dclass", size)
+    df = _finite(df, "d_class").assign(layer=lambda d: d["layer"].astype(str),
+                                       split=lambda d: d["split"].astype(str))
+    layers = natural_sorted(df["layer"])
+    splits = _split_order(df["split"])
+    df = df.assign(split=df["split"].map(_split_label))
+    with _style():
+        fig = _new_figure(1.1 * len(layers) * max(1, len(splits)) ** 0.5 + 2.5, 3.8)
+        ax = fig.subplots()
+        _box(ax, df, x="layer", y="d_class", hue="split", order=layers,
+             hue_order=[_split_label(s) for s in splits])
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"D_class ({_GRID_UNIT})")
+        ax.set_title(f"Distance of BMUs to their class centre, SOM {size}")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    return fig
+
+
+def load_weight_distances(run: Run | str | os.PathLike, size: str) -> dict[str, np.ndarray]:
+    """The G×G unit-weight cosine-distance matrices of one SOM size, by layer (file stem).
+
+    Reads ``run.analysis_dir / "weight_distances" / "<layer>-<size>.npy"``; returns ``{}`` when
+    there are none.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    folder = run.analysis_dir / "weight_distances"
+    out = {}
+    if folder.is_dir():
+        suffix = f"-{size}"
+        for p in sorted(folder.glob(f"*{suffix}.npy")):
+            out[p.stem[: -len(suffix)]] = np.load(p, mmap_mode="r")
+    return {k: out[k] for k in sorted(out, key=natural_key)}
+
+
+def weight_distance_sizes(run: Run | str | os.PathLike) -> list[str]:
+    """SOM sizes that have weight-distance matrices in ``run``."""
+    run = run if isinstance(run, Run) else Run(run)
+    folder = run.analysis_dir / "weight_distances"
+    if not folder.is_dir():
+        return []
+    sizes = []
+    for p in folder.glob("*.npy"):
+        m = re.search(r"-(\d+x\d+)$", p.stem)
+        if m:
+            sizes.append(m.group(1))
+    return natural_sorted(sizes)
+
+
+def plot_weight_distances(matrices: Mapping[str, np.ndarray], *, size: str = "",
+                          col_wrap: int = 6) -> Figure:
+    """Heatmaps of the G×G cosine distances between unit weights, one per layer (Fig 6C/D).
+
+    Parameters
+    ----------
+    matrices : mapping layer -> array [G, G]
+        E.g. from :func:`load_weight_distances`.
+    size : str
+        SOM size for the title.
+    col_wrap : int
+        Panels per row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Shared colour scale over all layers.
+    """
+    if not matrices:
+        raise AnalysisError("no weight-distance matrices to plot: run `somprobe analyze`")
+    layers = sorted(matrices, key=natural_key)
+    mats = {}
+    for layer in layers:
+        a = np.asarray(matrices[layer], dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise AnalysisError(
+                f"weight distances of layer {layer!r} have shape {a.shape}, expected a square "
+                "G×G matrix: re-run `somprobe analyze`"
+            )
+        mats[layer] = np.where(np.isfinite(a), a, np.nan)
+    vmin, vmax = _range(np.concatenate([a.ravel() for a in mats.values()]))
+    ncols = max(1, min(len(layers), col_wrap))
+    nrows = int(np.ceil(len(layers) / ncols))
+    with _style():
+        fig = _new_figure(2.6 * ncols + 1.0, 2.6 * nrows + 0.6)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        image = None
+        for i, ax in enumerate(axes.ravel()):
+            if i >= len(layers):
+                ax.set_visible(False)
+                continue
+            a = mats[layers[i]]
+            image = _heat(ax, a, cmap=_DISTANCE_CMAP, vmin=vmin, vmax=vmax)
+            ax.set_title(layers[i], fontsize="medium")
+            g = a.shape[0]
+            ticks = np.arange(0, g, max(1, int(np.ceil(g / 4))))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(length=2, labelsize="small")
+            ax.set_xlabel("unit")
+            if i % ncols == 0:
+                ax.set_ylabel("unit")
+        fig.colorbar(image, ax=[a for a in axes.ravel() if a.get_visible()], shrink=0.8,
+                     label="cosine distance between unit weights")
+        fig.suptitle(f"Unit-weight cosine distances, SOM {size}" if size
+                     else "Unit-weight cosine distances")
+    return fig
+
+
+def _interval_plot(ax, df, *, x, hue, mid, lo, hi, order, hue_order, outer=None):
+    """Point at ``mid`` with a bar from ``lo`` to ``hi`` (precomputed), dodged by ``hue``."""
+    palette = sns.color_palette(_PALETTE, len(hue_order))
+    width = 0.6
+    offsets = (np.arange(len(hue_order)) - (len(hue_order) - 1) / 2) * (
+        width / max(1, len(hue_order)))
+    pos = {k: i for i, k in enumerate(order)}
+    for h, colour, off in zip(hue_order, palette, offsets):
+        sub = df[df[hue] == h]
+        sub = sub[sub[x].isin(pos)]
+        sub = sub.iloc[np.argsort([pos[v] for v in sub[x]], kind="stable")]
+        xs = np.array([pos[v] for v in sub[x]], dtype=float) + off
+        y = sub[mid].to_numpy(float)
+        if outer is not None:
+            ax.vlines(xs, sub[outer[0]].to_numpy(float), sub[outer[1]].to_numpy(float),
+                      color=colour, linewidth=0.8, alpha=0.6)
+        yerr = np.vstack([y - sub[lo].to_numpy(float), sub[hi].to_numpy(float) - y])
+        ax.errorbar(xs, y, yerr=np.abs(yerr), fmt="o-", color=colour, capsize=3, markersize=5,
+                    linewidth=1.2, label=str(h))
+    ax.set_xticks(np.arange(len(order)))
+    ax.set_xticklabels([str(o) for o in order])
+    ax.set_xlim(-0.6, len(order) - 0.4)
+
+
+def plot_weight_similarity(weight_similarity: pd.DataFrame) -> Figure:
+    """Median (IQR bar, 5–95 % line) cosine distance between unit weights per layer and size.
+
+    Parameters
+    ----------
+    weight_similarity : DataFrame
+        Table ``weight_similarity`` (layer, size, mean, median, std, q05, q25, q75, q95).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    cols = ["layer", "size", "median", "q25", "q75"]
+    df = _check(weight_similarity, "weight_similarity", cols)
+    df = df.assign(layer=df["layer"].astype(str), size=df["size"].astype(str))
+    for c in ("median", "q25", "q75", "q05", "q95"):
+        if c in df:
+            df = _finite(df, c)
+    if df.empty:
+        raise AnalysisError("table 'weight_similarity' is empty: run `somprobe analyze`")
+    layers = natural_sorted(df["layer"])
+    sizes = natural_sorted(df["size"])
+    outer = ("q05", "q95") if {"q05", "q95"} <= set(df.columns) else None
+    with _style():
+        fig = _new_figure(0.9 * len(layers) + 3.0, 3.6)
+        ax = fig.subplots()
+        _interval_plot(ax, df, x="layer", hue="size", mid="median", lo="q25", hi="q75",
+                       order=layers, hue_order=sizes, outer=outer)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cosine distance between unit weights")
+        ax.set_title("Unit-weight similarity (median, IQR" + (", 5–95 %)" if outer else ")"))
+        ax.legend(title="SOM size", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_centre_similarity(centre_similarity: pd.DataFrame) -> Figure:
+    """Cosine distance between the weights of class-centre units per layer, hue = SOM size
+    (Fig 7 / Fig 10).
+
+    Parameters
+    ----------
+    centre_similarity : DataFrame
+        Table ``centre_similarity`` (layer, size, class_a, class_b, ..., cosine_distance).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    df = _check(centre_similarity, "centre_similarity", ["layer", "size", "cosine_distance"])
+    df = _finite(df, "cosine_distance").assign(layer=lambda d: d["layer"].astype(str),
+                                               size=lambda d: d["size"].astype(str))
+    if df.empty:
+        raise AnalysisError("table 'centre_similarity' is empty: run `somprobe analyze`")
+    layers = natural_sorted(df["layer"])
+    sizes = natural_sorted(df["size"])
+    with _style():
+        fig = _new_figure(0.8 * len(layers) * max(1, len(sizes)) ** 0.5 + 2.8, 3.8)
+        ax = fig.subplots()
+        _box(ax, df, x="layer", y="cosine_distance", hue="size", order=layers, hue_order=sizes)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cosine distance between\nclass-centre unit weights")
+        ax.set_title("Similarity of class-centre units")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="SOM size")
+    return fig
+
+
+def _correct_label(v) -> str | float:
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in ("true", "1", "yes", "correct"):
+            return "correct"
+        if s in ("false", "0", "no", "incorrect"):
+            return "incorrect"
+        return np.nan
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return np.nan
+    return "correct" if bool(v) else "incorrect"
+
+
+def plot_correct_incorrect(table: pd.DataFrame, *, size: str | None = None,
+                           split: str = "som-val") -> Figure:
+    """D_class to the label's centre per layer, correct vs incorrect predictions (Supp 3).
+
+    Parameters
+    ----------
+    table : DataFrame
+        Either ``dclass_samples`` (layer, size, split, correct, d_class; drawn as box plots) or
+        the summary ``correct_incorrect`` (layer, size, correct, median, q25, q75; drawn as
+        median with IQR bars).
+    size : str, optional
+        SOM size; needed when the table holds several.
+    split : str
+        Split of ``dclass_samples`` to show (the paper uses SOM-val).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    per_sample = "d_class" in table.columns
+    if per_sample:
+        df = _check(table, "dclass_samples", ["layer", "size", "split", "correct", "d_class"])
+        df = df[df["split"].astype(str) == split]
+        if df.empty:
+            raise AnalysisError(
+                f"table 'dclass_samples' has no rows for split {split!r}: run `somprobe analyze` "
+                "with a SOM-val code store (`somprobe extract --split som-val`)"
+            )
+        df, size = _select_size(df, "dclass_samples", size)
+        df = _finite(df, "d_class")
+    else:
+        df = _check(table, "correct_incorrect", ["layer", "size", "correct", "median", "q25", "q75"])
+        df, size = _select_size(df, "correct_incorrect", size)
+        for c in ("median", "q25", "q75"):
+            df = _finite(df, c)
+    df = df.assign(layer=df["layer"].astype(str), correct=df["correct"].map(_correct_label))
+    df = df[df["correct"].notna()]
+    layers = natural_sorted(df["layer"])
+    hue_order = [h for h in ("correct", "incorrect") if h in set(df["correct"])]
+    if not layers:
+        raise AnalysisError("no correct/incorrect rows to plot: run `somprobe analyze`")
+    with _style():
+        fig = _new_figure(0.9 * len(layers) + 3.0, 3.8)
+        ax = fig.subplots()
+        if per_sample:
+            _box(ax, df, x="layer", y="d_class", hue="correct", order=layers, hue_order=hue_order)
+        else:
+            _interval_plot(ax, df, x="layer", hue="correct", mid="median", lo="q25", hi="q75",
+                           order=layers, hue_order=hue_order)
+            ax.legend()
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"D_class to label centre\n({_GRID_UNIT})")
+        ax.set_title(f"{_split_label(split)}: correct vs incorrect predictions, SOM {size}")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="prediction")
+    return fig
+
+
+def plot_shifts(shifts: pd.DataFrame, *, size: str | None = None, kind: str = "box") -> Figure:
+    """Distribution of BMU shift distances per layer, adversarial vs noise (Fig 11–12).
+
+    Parameters
+    ----------
+    shifts : DataFrame
+        Table ``shifts`` (layer, size, perturbation, sample_id, rank, distance).
+    size : str, optional
+        SOM size; needed when the table holds several.
+    kind : {"box", "violin"}
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if kind not in ("box", "violin"):
+        raise ValueError(f"kind={kind!r}: choose 'box' or 'violin'")
+    df = _check(shifts, "shifts", ["layer", "size", "perturbation", "distance"])
+    df, size = _select_size(df, "shifts", size)
+    df = _finite(df, "distance").assign(layer=lambda d: d["layer"].astype(str),
+                                        perturbation=lambda d: d["perturbation"].astype(str))
+    layers = natural_sorted(df["layer"])
+    perts = _perturbation_order(df["perturbation"])
+    with _style():
+        fig = _new_figure(0.9 * len(layers) * max(1, len(perts)) ** 0.5 + 2.8, 3.8)
+        ax = fig.subplots()
+        _box(ax, df, x="layer", y="distance", hue="perturbation", order=layers,
+             hue_order=perts, kind=kind)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"BMU shift ({_GRID_UNIT})")
+        ax.set_title(f"Clean → perturbed BMU shifts, SOM {size}")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="perturbation")
+    return fig
+
+
+def _attack_label(row) -> str:
+    parts = [str(row["attack"])]
+    if "norm" in row and pd.notna(row["norm"]) and str(row["norm"]):
+        parts.append(str(row["norm"]))
+    if "eps" in row and pd.notna(row["eps"]):
+        eps = float(row["eps"])
+        # eps of k/255 is how the paper and users speak about pixel budgets.
+        k = eps * 255
+        parts.append(f"ε={k:.3g}/255" if abs(k - round(k)) < 1e-6 else f"ε={eps:.3g}")
+    if "steps" in row and pd.notna(row["steps"]):
+        try:
+            if int(row["steps"]) > 1:
+                parts.append(f"{int(row['steps'])} steps")
+        except (TypeError, ValueError):
+            pass
+    return "\n".join(parts)
+
+
+def plot_attacks(attacks: pd.DataFrame) -> Figure:
+    """Clean vs perturbed accuracy per attack (bars, one pair per row of table ``attacks``).
+
+    Parameters
+    ----------
+    attacks : DataFrame
+        Table ``attacks`` (attack, norm, eps, steps, n, clean_acc, perturbed_acc, success_rate).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    df = _check(attacks, "attacks", ["attack", "clean_acc", "perturbed_acc"])
+    if df.empty:
+        raise AnalysisError("table 'attacks' is empty: run `somprobe attack`")
+    df = df.reset_index(drop=True)
+    labels = [_attack_label(r) for _, r in df.iterrows()]
+    # The same attack at the same settings twice would merge into one bar: keep them apart.
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] > 1:
+            labels[i] = f"{lab} (#{seen[lab]})"
+    long = pd.DataFrame({
+        "attack": labels * 2,
+        "accuracy": np.concatenate([pd.to_numeric(df["clean_acc"], errors="coerce"),
+                                    pd.to_numeric(df["perturbed_acc"], errors="coerce")]),
+        "inputs": ["clean"] * len(df) + ["perturbed"] * len(df),
+    })
+    with _style():
+        fig = _new_figure(1.3 * len(df) + 2.8, 3.8)
+        ax = fig.subplots()
+        sns.barplot(data=long, x="attack", y="accuracy", hue="inputs", order=labels,
+                    hue_order=["clean", "perturbed"], palette=_PALETTE, errorbar=None, ax=ax)
+        for cont in ax.containers:
+            ax.bar_label(cont, fmt="%.2f", fontsize="small", padding=1)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("attack")
+        ax.set_ylabel("accuracy (fraction correct)")
+        ax.set_title("Accuracy on clean and perturbed inputs")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    return fig
+
+
+# whole run -------------------------------------------------------------------------------------
+def _read(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise AnalysisError(f"cannot read table {path}: {e}; re-run the command that wrote it") from e
+    return None if df.empty else df
+
+
+def _sizes_of(df: pd.DataFrame) -> list[str]:
+    return natural_sorted(df["size"].astype(str)) if "size" in df.columns else []
+
+
+def plot_run(run: Run | str | os.PathLike, *, sizes: Sequence[str] | None = None,
+             classes: Sequence[int] | None = None, shift_kind: str = "box",
+             progress: bool = False) -> list[Path]:
+    """Make every figure whose tables exist in ``run`` and write them to ``run.figures_dir``.
+
+    Figures whose tables are absent or empty are skipped; a table with a wrong schema raises
+    :class:`~somprobe.errors.AnalysisError`.
+
+    Parameters
+    ----------
+    run : Run or path
+        The run directory.
+    sizes : sequence of str, optional
+        SOM sizes (``"20x20"``) to plot per-size figures for; default all in the tables.
+    classes : sequence of int, optional
+        Classes for the class-BMU figure (default: the first five).
+    shift_kind : {"box", "violin"}
+        Style of the shift distributions.
+    progress : bool
+        Show a tqdm bar over figures.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNGs written, in the order made.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    want = None if sizes is None else {str(s) for s in sizes}
+
+    def pick(df):
+        return [s for s in _sizes_of(df) if want is None or s in want]
+
+    jobs: list[tuple[str, callable]] = []
+    curves = _read(run.curves_csv)
+    if curves is not None:
+        if want is not None and "size" in curves.columns:
+            curves = curves[curves["size"].astype(str).isin(want)]
+        if not curves.empty:
+            jobs.append(("curves", lambda d=curves: plot_curves(d)))
+    tables = {name: _read(run.table(name)) for name in (
+        "density", "class_bmus", "dclass", "dclass_samples", "correct_incorrect",
+        "weight_similarity", "centre_similarity", "shifts", "attacks")}
+    per_size = [
+        ("density", "density", lambda d, s: plot_density(d, size=s)),
+        ("class_bmus", "class-bmus", lambda d, s: plot_class_bmus(d, size=s, classes=classes)),
+        ("dclass", "dclass", lambda d, s: plot_dclass(d, size=s)),
+    ]
+    for table, prefix, fn in per_size:
+        df = tables[table]
+        if df is not None:
+            for s in pick(df):
+                jobs.append((f"{prefix}-{s}", lambda d=df, s=s, fn=fn: fn(d, s)))
+    for s in weight_distance_sizes(run):
+        if want is None or s in want:
+            jobs.append((f"weight-distances-{s}",
+                         lambda s=s: plot_weight_distances(load_weight_distances(run, s), size=s)))
+    for table, name, fn in (("weight_similarity", "weight-similarity", plot_weight_similarity),
+                            ("centre_similarity", "centre-similarity", plot_centre_similarity)):
+        df = tables[table]
+        if df is not None and want is not None and "size" in df.columns:
+            df = df[df["size"].astype(str).isin(want)]
+        if df is not None and not df.empty:
+            jobs.append((name, lambda d=df, fn=fn: fn(d)))
+    samples = tables["dclass_samples"]
+    if samples is not None and "split" in samples.columns:
+        samples = samples[samples["split"].astype(str) == "som-val"]
+    ci = samples if samples is not None and not samples.empty else tables["correct_incorrect"]
+    if ci is not None:
+        for s in pick(ci):
+            jobs.append((f"correct-incorrect-{s}", lambda d=ci, s=s: plot_correct_incorrect(d, size=s)))
+    if tables["shifts"] is not None:
+        for s in pick(tables["shifts"]):
+            jobs.append((f"shifts-{s}", lambda d=tables["shifts"], s=s:
+                         plot_shifts(d, size=s, kind=shift_kind)))
+    if tables["attacks"] is not None:
+        jobs.append(("attacks", lambda d=tables["attacks"]: plot_attacks(d)))
+
+    it = jobs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(jobs, desc="figures", unit="fig")
+    written = []
+    for name, make in it:
+        written.append(save_figure(make(), run.figure(name)))
+    return written
