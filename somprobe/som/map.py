@@ -321,7 +321,8 @@ class SOM:
             Initial weights; overrides ``init``.
         order : array-like of int, [N] or [epochs, N], optional
             Explicit sample order (the same for every epoch if 1-D); overrides ``shuffle``.
-            Used to reproduce another implementation's batches exactly.
+            Used to reproduce another implementation's batches exactly. Online mode only: the
+            batch map's result does not depend on the order of the samples.
         shuffle : bool
             Draw a new seeded permutation each epoch (online mode) when ``order`` is not given.
         progress : bool
