@@ -217,19 +217,30 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
               help="online: quicksom's mini-batch rule; batch: Kohonen's batch map.")
 @click.option("--init", type=click.Choice(["normal", "sample", "pca"]), default="normal", show_default=True)
 @click.option("--k", "k", type=int, default=10, show_default=True, help="BMUs kept per sample.")
+@click.option("--splits", help="Splits whose BMUs are written (default: every split of the run).")
+@click.option("--model", help="With --data: extract SOM-tr/SOM-val codes first (see `extract`).")
+@click.option("--data", help="With no code store yet: extract this dataset first (50 per class, CL1-CL4).")
 @SEED
 @DEVICE
 @click.option("--resume", is_flag=True, help="Keep finished maps and continue interrupted ones.")
 @QUIET
 @_friendly
-def fit(out, size, layers, train_split, topology, metric, sigma, alpha, decay, epochs, batch_size,
-        mode, init, k, seed, device, resume, quiet):
+@click.pass_context
+def fit(ctx, out, size, layers, train_split, topology, metric, sigma, alpha, decay, epochs,
+        batch_size, mode, init, k, splits, model, data, seed, device, resume, quiet):
     """Fit one torus SOM per layer and size; write maps, curves and top-k BMUs of every split."""
     from .som.job import fit_run
 
     run = Run(out)
+    if data is not None or model is not None:
+        if (run.codes_dir(train_split) / "manifest.json").is_file():
+            _say(quiet, f"codes already in {run.codes_dir(train_split)}; --model/--data ignored")
+        else:
+            ctx.invoke(extract, out=out, model=model, data=data or "mnist5k", layers=layers or "CL1-CL4",
+                       seed=seed, device=device, quiet=quiet)
     _log_command(run)
     paths = fit_run(run, layers=_csv(layers), sizes=size, train_split=train_split, resume=resume,
+                    splits=_csv(splits),
                     progress=not quiet, k=k, topology=topology, metric=metric, sigma=sigma,
                     alpha=alpha, decay=decay, epochs=epochs, batch_size=batch_size, mode=mode,
                     init=init, seed=seed, device=device)
