@@ -26,7 +26,8 @@ from torch import nn
 from .errors import AttackError
 
 __all__ = [
-    "pgd", "fgsm", "uniform_noise", "predict_labels", "default_step_size",
+    "pgd", "fgsm", "uniform_noise", "predict_labels", "default_step_size", "check_pgd_params",
+    "check_eps",
     "advertorch_available", "import_advertorch_attacks", "NORMS", "BACKENDS",
 ]
 
@@ -259,6 +260,37 @@ def _project_to_box(x: torch.Tensor, delta: torch.Tensor, buf: torch.Tensor, lo:
 
 
 # --------------------------------------------------------------------------- attacks
+def check_pgd_params(*, eps, steps, step_size=None, norm="linf", backend="builtin"):
+    """Validate PGD's hyperparameters; return ``(norm, eps, steps, step_size)`` normalised.
+
+    ``step_size=None`` becomes :func:`default_step_size`. Raises :class:`AttackError` naming the
+    bad value and the fix (used by :func:`pgd` and by the attack job before it writes anything).
+    """
+    norm = _norm_name(norm)
+    eps = _check_number("eps", eps, low=0.0)
+    if norm == "linf" and eps > 1.0:
+        raise AttackError(
+            f"eps={eps:g} is larger than the whole pixel range [0, 1] for an Linf attack; "
+            f"give eps in pixel units, e.g. 4/255 = {4 / 255:.4f}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AttackError(f"steps must be an integer >= 1, got {steps!r}")
+    step_size = default_step_size(eps) if step_size is None else _check_number("step_size", step_size, low=0.0)
+    if step_size > eps:
+        raise AttackError(
+            f"step_size={step_size:g} is larger than eps={eps:g}: every step would leave the "
+            f"eps-ball and be projected back; use step_size <= eps (default eps*2/100)"
+        )
+    if backend not in BACKENDS:
+        raise AttackError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return norm, eps, steps, step_size
+
+
+def check_eps(eps) -> float:
+    """Validate an Linf amplitude in pixel units (FGSM, noise): finite, in ``(0, 1]``."""
+    return _check_number("eps", eps, low=0.0, high=1.0)
+
+
 def pgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -322,23 +354,8 @@ def pgd(
     AttackError
         Parameters out of range, images outside ``clip``, bad labels, advertorch not importable.
     """
-    norm = _norm_name(norm)
-    eps = _check_number("eps", eps, low=0.0)
-    if norm == "linf" and eps > 1.0:
-        raise AttackError(
-            f"eps={eps:g} is larger than the whole pixel range [0, 1] for an Linf attack; "
-            f"give eps in pixel units, e.g. 4/255 = {4 / 255:.4f}"
-        )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise AttackError(f"steps must be an integer >= 1, got {steps!r}")
-    step_size = default_step_size(eps) if step_size is None else _check_number("step_size", step_size, low=0.0)
-    if step_size > eps:
-        raise AttackError(
-            f"step_size={step_size:g} is larger than eps={eps:g}: every step would leave the "
-            f"eps-ball and be projected back; use step_size <= eps (default eps*2/100)"
-        )
-    if backend not in BACKENDS:
-        raise AttackError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    norm, eps, steps, step_size = check_pgd_params(eps=eps, steps=steps, step_size=step_size,
+                                                   norm=norm, backend=backend)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise AttackError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     x, labels, (lo, hi), loss_fn = _check_common(
@@ -442,7 +459,7 @@ def fgsm(
     Tensor
         ``clamp(images + eps * sign(grad), clip)``, detached.
     """
-    eps = _check_number("eps", eps, low=0.0, high=1.0)
+    eps = check_eps(eps)
     x, labels, (lo, hi), loss_fn = _check_common(
         model, images, labels, targeted=targeted, clip=clip, loss_fn=loss_fn)
     with _attack_mode(model):
@@ -487,7 +504,7 @@ def uniform_noise(
     Tensor
         ``clamp(images + noise, clip)``.
     """
-    eps = _check_number("eps", eps, low=0.0, high=1.0)
+    eps = check_eps(eps)
     lo, hi = _check_clip(clip)
     x = _check_images(images, (lo, hi))
     if generator is None:
