@@ -82,6 +82,17 @@ def _weighted_centroid(w: torch.Tensor, total: torch.Tensor, n: int) -> torch.Te
     return torch.where(total > 0, out, torch.full_like(out, 0.5))
 
 
+def _com_from_weights(w: torch.Tensor, H: int, W: int, mode: str) -> torch.Tensor:
+    """Centre of mass from min-shifted weights ``w`` [B, C, H·W]."""
+    total = w.sum(dim=-1)
+    if mode == "flat":
+        return _weighted_centroid(w, total, H * W)
+    w4 = w.view(*w.shape[:2], H, W)
+    row = _weighted_centroid(w4.sum(dim=-1), total, H)
+    col = _weighted_centroid(w4.sum(dim=-2), total, W)
+    return torch.stack([row, col], dim=-1)
+
+
 def center_of_mass(fmap: torch.Tensor, mode: str = "flat") -> torch.Tensor:
     """Centre of mass of each channel map (see the module docstring for the definition).
 
@@ -100,14 +111,7 @@ def center_of_mass(fmap: torch.Tensor, mode: str = "flat") -> torch.Tensor:
         raise ValueError(f"center_of_mass needs a feature map [B, C, H, W], got shape {tuple(fmap.shape)}")
     B, C, H, W = fmap.shape
     flat = fmap.reshape(B, C, H * W)
-    w = flat - flat.amin(dim=-1, keepdim=True)
-    total = w.sum(dim=-1)
-    if mode == "flat":
-        return _weighted_centroid(w, total, H * W)
-    w4 = w.view(B, C, H, W)
-    row = _weighted_centroid(w4.sum(dim=-1), total, H)
-    col = _weighted_centroid(w4.sum(dim=-2), total, W)
-    return torch.stack([row, col], dim=-1)
+    return _com_from_weights(flat - flat.amin(dim=-1, keepdim=True), H, W, mode)
 
 
 def vector_code(fmap: torch.Tensor, stats: str | Sequence[str] = STATS, com: str = "flat") -> torch.Tensor:
@@ -132,18 +136,22 @@ def vector_code(fmap: torch.Tensor, stats: str | Sequence[str] = STATS, com: str
     if fmap.ndim != 4:
         raise ValueError(f"vector_code needs a feature map [B, C, H, W], got shape {tuple(fmap.shape)}")
     B, C, H, W = fmap.shape
-    flat = fmap.reshape(B, C, H * W)
+    n = H * W
+    flat = fmap.reshape(B, C, n)
     parts: list[torch.Tensor] = []
+    # plain reductions (sum, amax, norm) are several times faster on CPU than std_mean/aminmax,
+    # which keeps the codes within a few percent of the forward pass (benchmarks/code_overhead.py)
     if "max" in stats:
         parts.append(flat.amax(dim=-1))
     if "mean" in stats or "std" in stats:
-        std, mean = torch.std_mean(flat, dim=-1, correction=0)
+        mean = flat.sum(dim=-1) / n
         if "mean" in stats:
             parts.append(mean)
         if "std" in stats:
-            parts.append(std)
+            # two-pass (centred) population std: no cancellation for maps far from zero
+            parts.append(torch.linalg.vector_norm(flat - mean[..., None], dim=-1) / n ** 0.5)
     if "com" in stats:
-        c = center_of_mass(fmap, com)
+        c = _com_from_weights(flat - flat.amin(dim=-1, keepdim=True), H, W, com)
         parts.extend([c] if com == "flat" else [c[..., 0], c[..., 1]])
     return torch.cat(parts, dim=1)
 

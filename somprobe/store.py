@@ -38,7 +38,7 @@ LABELS = "labels.npy"
 PREDS = "preds.npy"
 # Fields that legitimately change between the first attempt and a resumed one.
 _VOLATILE = {"rows_completed", "complete", "created", "updated", "versions", "elapsed_s"}
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 16 << 20
 
 
 def layer_file(layer: str) -> str:
@@ -344,13 +344,20 @@ class CodeStore:
     def _check_finite(self, p: Path, arr: np.ndarray) -> None:
         if str(p) in self._checked:
             return
-        step = max(1, _CHUNK_BYTES // max(1, arr[0].nbytes if arr.ndim > 1 and len(arr) else 8))
-        for s in range(0, len(arr), step):
-            block = np.asarray(arr[s:s + step])
-            if not np.isfinite(block).all():
-                bad = s + int(np.argwhere(~np.isfinite(block).reshape(len(block), -1).all(axis=1))[0, 0])
-                raise StoreError(f"{p} holds non-finite values (first at row {bad}, id "
-                                 f"{self.ids[bad]!r}); re-run `somprobe extract --overwrite`")
+        n, width = len(arr), int(np.prod(arr.shape[1:], dtype=np.int64))
+        step = max(1, _CHUNK_BYTES // max(1, width * arr.dtype.itemsize))
+        # plain chunked reads, not the memory map: pages touched through a map stay resident,
+        # so checking a large store through it would hold the whole file in RSS
+        with open(p, "rb") as f:
+            f.seek(_header_offset(p))
+            for s in range(0, n, step):
+                rows = min(step, n - s)
+                block = np.fromfile(f, dtype=arr.dtype, count=rows * width).reshape(rows, width)
+                ok = np.isfinite(block).all(axis=1)
+                if not ok.all():
+                    bad = s + int(np.flatnonzero(~ok)[0])
+                    raise StoreError(f"{p} holds non-finite values (first at row {bad}, id "
+                                     f"{self.ids[bad]!r}); re-run `somprobe extract --overwrite`")
         self._checked.add(str(p))
 
     def codes(self, layer: str, mmap: bool = True) -> np.ndarray:
