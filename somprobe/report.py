@@ -143,7 +143,7 @@ def _sort_tidy(df: pd.DataFrame) -> pd.DataFrame:
             if c in df.columns]
     if not keys:
         return df
-    return df.sort_values(keys, key=lambda s: s.map(natural_key), kind="stable")
+    return df.sort_values(keys, key=lambda s: s.map(lambda v: tuple(natural_key(v))), kind="stable")
 
 
 def _df_table(df: pd.DataFrame, *, index: bool = False) -> str:
@@ -344,8 +344,8 @@ def render_report(run: Run | str | os.PathLike, *, title: str | None = None) -> 
         if sid not in ("model", "soms") and not parts:
             parts.append(_missing(heading, command))
         elif sid == "soms" and info["curves"] is not None and not figures_by_section.get(sid):
-            parts.append("<p>No training-curve figure yet: run <code>somprobe report</code> "
-                         "(it draws the figures from the tables).</p>")
+            parts.append("<p>No training-curve figure yet: figures are drawn by <code>somprobe analyze</code> "
+                         "(or <code>somprobe.plots.plot_run</code>).</p>")
         section(sid, heading, "".join(parts))
 
     if figures_by_section.get("other"):
