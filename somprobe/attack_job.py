@@ -350,9 +350,6 @@ def attack_run(
                                      batch_size=batch_size, device=dev, overwrite=overwrite,
                                      progress=progress, meta={"attack": {k: summary[k] for k in (
                                          "name", "attack", "norm", "eps", "steps", "seed")}})
-    # Long-form aliases of the table's column names (the CLI and the demo print these).
-    summary["clean_accuracy"] = summary["clean_acc"]
-    summary["perturbed_accuracy"] = summary["perturbed_acc"]
     summary["seconds"] = time.perf_counter() - t0
     _append_table(run, summary)
     atomic_write_json(out_dir / "summary.json", summary)

@@ -356,6 +356,8 @@ def report(out, title):
 @click.option("--targeted", is_flag=True, help="Random target class other than the label.")
 @click.option("--symmetric", is_flag=True, help="Noise in [-eps, eps] instead of the paper's [0, eps].")
 @click.option("--backend", type=click.Choice(["builtin", "advertorch"]), default="builtin", show_default=True)
+@click.option("--labels", "label_source", type=click.Choice(["auto", "dataset", "predictions"]), default="auto",
+              show_default=True, help="Attack the true labels, or the model's predictions (auto: labels when known).")
 @click.option("--model", help="timm model name (default: the model trained in RUN).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
@@ -367,8 +369,8 @@ def report(out, title):
 @QUIET
 @_friendly
 def attack(out, attack, source_split, name, eps, steps, step_size, norm, targeted, symmetric,
-           backend, model, checkpoint, data_root, batch_size, no_extract, seed, device, overwrite,
-           quiet):
+           backend, label_source, model, checkpoint, data_root, batch_size, no_extract, seed, device,
+           overwrite, quiet):
     """Perturb a clean split (PGD, FGSM or the noise control), report accuracy, extract codes."""
     from .attack_job import attack_run
     from .data import load_dataset
@@ -384,12 +386,20 @@ def attack(out, attack, source_split, name, eps, steps, step_size, norm, targete
     summary = attack_run(run, model=net, dataset=ds, source_split=source_split, name=name,
                          attack=attack, eps=_fraction(eps, "--eps"), steps=steps,
                          step_size=None if step_size is None else _fraction(step_size, "--step-size"),
-                         norm=norm, targeted=targeted, symmetric=symmetric, seed=seed,
+                         norm=norm, targeted=targeted, symmetric=symmetric, labels=label_source, seed=seed,
                          batch_size=batch_size, device=device, backend=backend,
                          extract=not no_extract, overwrite=overwrite, progress=not quiet)
-    click.echo(json.dumps({k: summary[k] for k in ("name", "attack", "eps", "n", "clean_accuracy",
-                                                     "perturbed_accuracy", "success_rate")
-                           if k in summary}, indent=2))
+    click.echo(json.dumps({k: summary[k] for k in ("name", "attack", "norm", "eps", "steps", "n",
+                                                     "labels", "labels_note", "clean_acc",
+                                                     "perturbed_acc", "success_rate",
+                                                     "success_rate_correct")
+                           if summary.get(k) is not None}, indent=2))
+    click.echo(f"perturbed images in {run.attack_dir(summary['name'])}"
+               + (f"; codes in {run.codes_dir(summary['name'])}" if not no_extract else ""))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _fraction(text: str, option: str) -> float:
@@ -433,8 +443,7 @@ def demo(out, data, model, per_class, size, layers, train_epochs, data_root, see
     click.echo(f"code stores   : {run.codes_root} ({', '.join(run.splits())})")
     click.echo(f"SOMs          : {run.soms_dir}")
     for name, s in res["attacks"].items():
-        click.echo(f"attack {name:<7}: accuracy {s.get('clean_accuracy', float('nan')):.3f} → "
-                   f"{s.get('perturbed_accuracy', float('nan')):.3f}")
+        click.echo(f"attack {name:<7}: accuracy {_fmt(s.get('clean_acc'))} → {_fmt(s.get('perturbed_acc'))}")
     click.echo(f"tables        : {run.analysis_dir} ({len(res['tables'])} CSV)")
     click.echo(f"figures       : {run.figures_dir} ({len(res['figures'])} PNG)")
     click.echo(f"report        : {res['report']}")

@@ -64,7 +64,6 @@ def test_pgd_job_files_summary_table_and_store(setup):
     ok = cp == labels
     expect = np.mean(preds[ok] != labels[ok]) if ok.any() else None
     assert s["success_rate_correct"] == (pytest.approx(expect) if expect is not None else None)
-    assert s["clean_accuracy"] == s["clean_acc"] and s["perturbed_accuracy"] == s["perturbed_acc"]
     assert s["labels"] == "dataset" and s["labels_note"] is None
     assert s["eps"] == EPS and s["steps"] == 3 and s["step_size"] == pytest.approx(EPS * 2 / 100)
     assert json.loads((d / "summary.json").read_text())["n"] == 30
