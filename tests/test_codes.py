@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from somprobe.codes import STATS, center_of_mass, code_dim, layer_code, normalize_stats, vector_code
+from somprobe.codes import center_of_mass, code_dim, layer_code, normalize_stats, vector_code
 
 
 def _map(rows):
