@@ -42,11 +42,11 @@ TRAIN_DEFAULTS = dict(model_name="resnet18", batch_size=128, lr=0.05, weight_dec
 
 
 def default_epochs(n_train: int) -> int:
-    """Epochs used when none are given: 8 for small training sets (≤ 10,000), else 4.
+    """Epochs used when none are given: 8 for small training sets (≤ 10,000), else 3.
 
     Both reach the accuracy targets (mnist5k ≥ 95 %, fashion-mnist ≥ 88 %) on CPU in minutes.
     """
-    return 8 if n_train <= 10_000 else 4
+    return 8 if n_train <= 10_000 else 3
 
 
 def default_image_size(native_size: int | None) -> int:
