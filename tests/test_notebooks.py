@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -142,3 +143,70 @@ def test_layer_probing_notebook(layer_probing):
     assert (run / "analysis" / "dclass.csv").is_file()
     # Figures are drawn inline: curves, density, class BMUs, D_class, weights x2, centres, Supp 3.
     assert images_shown(nb) >= 8
+
+
+def _brute_force_bmus(X, W, k):
+    """Top-k units by cosine distance, computed the plain way."""
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
+    return np.argsort(1.0 - Xn @ Wn.T, axis=1, kind="stable")[:, :k]
+
+
+def _brute_force_torus(a, b, m, n):
+    """Shortest distance between units a and b over the 9 copies of an m x n grid."""
+    ra, ca, rb, cb = a // n, a % n, b // n, b % n
+    best = np.full(a.shape, np.inf)
+    for dr in (-m, 0, m):
+        for dc in (-n, 0, n):
+            best = np.minimum(best, np.hypot(ra - rb - dr, ca - cb - dc))
+    return best
+
+
+def test_adversarial_shifts_notebook(layer_probing, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from somprobe.som import SOM
+    from somprobe.store import open_store
+
+    # Notebook 02 continues notebook 01's run (its default): the model must be reused, not retrained.
+    run = tmp_path / "run"
+    shutil.copytree(layer_probing[0], run)
+    checkpoint = (run / "model" / "checkpoint.pt").read_bytes()
+    eps = 4 / 255
+    params = dict(SMALL, RUN=str(run), EPS=eps, PGD_STEPS=3, ATTACK_BATCH=32)
+    nb = execute("02_adversarial_shifts.ipynb", params, tmp_path, monkeypatch)
+    s = summary_of(nb)
+    setup = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "(reused)" in setup and (run / "model" / "checkpoint.pt").read_bytes() == checkpoint
+
+    assert s["n"] == 50 and s["k"] == 10 and s["layers"] == ["CL1", "CL2", "CL3", "CL4"]
+    acc = s["accuracy"]
+    assert set(acc) == {"clean", "adv-pgd", "noise"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    # PGD climbs the loss of the true label: it cannot make more inputs right than it found.
+    assert acc["adv-pgd"] <= acc["clean"]
+    assert all(0.0 <= v <= 1.0 for v in s["success_rate"].values())
+    # Both perturbations stay inside the Linf ball (float32 rounding aside) and are not empty.
+    for name in ("adv-pgd", "noise"):
+        assert 0.0 < s["linf"][name] <= eps + 1e-6
+    half_diagonal = math.hypot(2.5, 2.5)
+    assert s["max_torus_distance"] == pytest.approx(half_diagonal)
+    assert 0.0 <= s["min_shift"] and s["max_shift"] <= half_diagonal + 1e-9
+    assert s["shift_rows"] == 2 * 4 * 50 * 10
+    assert s["shift_run_difference"] == 0.0
+
+    # The shifts it wrote (through shift_run) against a brute-force recomputation from the run.
+    shifts = pd.read_csv(run / "analysis" / "shifts.csv", dtype={"sample_id": str})
+    clean = open_store(run / "codes" / "som-val")
+    for pert in ("adv-pgd", "noise"):
+        store = open_store(run / "codes" / pert)
+        assert store.ids == clean.ids
+        for layer in ("CL1", "CL4"):
+            W = SOM.load(run / "soms" / f"{layer}-5x5.pt").weights.double().numpy()
+            cb = _brute_force_bmus(np.asarray(clean.codes(layer), np.float64), W, 10)
+            pb = _brute_force_bmus(np.asarray(store.codes(layer), np.float64), W, 10)
+            expected = _brute_force_torus(cb, pb, 5, 5)
+            got = (shifts.query("layer == @layer and perturbation == @pert")
+                   .pivot(index="sample_id", columns="rank", values="distance")
+                   .loc[clean.ids].to_numpy())
+            np.testing.assert_allclose(got, expected, atol=1e-9)
+            assert s["median_shift"][pert][layer] == pytest.approx(np.median(expected))
