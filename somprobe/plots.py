@@ -28,7 +28,7 @@ from .run import Run, atomic_path
 
 __all__ = [
     "DPI", "natural_key", "natural_sorted", "save_figure", "plot_curves", "plot_density",
-    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances",
+    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances", "weight_distance_sizes",
     "plot_weight_similarity", "plot_centre_similarity", "plot_correct_incorrect", "plot_shifts",
     "plot_attacks", "plot_run",
 ]
@@ -334,7 +334,8 @@ def plot_density(density: pd.DataFrame, *, size: str | None = None, col_wrap: in
 
 
 def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
-                    classes: Sequence[int] | None = None, max_classes: int = 5) -> Figure:
+                    classes: Sequence[int] | None = None, max_classes: int = 5,
+                    splits: Sequence[str] | None = ("som-tr", "som-val")) -> Figure:
     """Top-10 BMUs of the inputs of chosen classes (Fig 5 / Supp 2).
 
     Rows: for each layer, SOM-tr above SOM-val; columns: classes. Colour = number of BMU hits.
@@ -349,6 +350,10 @@ def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
         Classes to show; default the first ``max_classes`` classes present.
     max_classes : int
         Default number of classes.
+    splits : sequence of str, optional
+        Splits to show, as rows under each layer (default SOM-tr above SOM-val, as in the paper);
+        ``None`` shows every split of the table (perturbed ones too). Splits absent from the
+        table are left out; if none of them is present, every split is shown.
 
     Returns
     -------
@@ -369,7 +374,10 @@ def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
     if not len(classes):
         raise AnalysisError("table 'class_bmus' has no classes: run `somprobe analyze`")
     layers = natural_sorted(df["layer"].astype(str))
-    splits = _split_order(df["split"].astype(str))
+    present_splits = _split_order(df["split"].astype(str))
+    chosen = [s for s in (splits or ()) if s in present_splits]
+    splits = chosen or present_splits
+    df = df[df["split"].astype(str).isin(splits)]
     rows = [(layer, split) for layer in layers for split in splits]
     _, vmax = _range(df["count"])
     with _style():

@@ -115,7 +115,7 @@ def test_density_wraps_many_layers():
 def test_class_bmus_tr_above_val():
     rows = []
     for l in ["CL2", "CL1"]:
-        for s in ["som-val", "som-tr"]:
+        for s in ["som-val", "noise", "som-tr"]:
             for k in (3, 1):
                 for u in RNG.choice(9, size=4, replace=False):
                     rows.append({"layer": l, "size": "3x3", "split": s, "class": k, "unit": u,
@@ -133,6 +133,9 @@ def test_class_bmus_tr_above_val():
     want = np.zeros((3, 3))
     want[sub.row, sub.col] = sub["count"]
     np.testing.assert_array_equal(img, want)
+    every = plots.plot_class_bmus(df, splits=None, classes=[3])
+    assert [a.get_ylabel() for a in every.axes if a.images][:3] == [
+        "CL1\nSOM-tr", "CL1\nSOM-val", "CL1\nnoise"]
     with pytest.raises(AnalysisError, match="classes \\[7\\]"):
         plots.plot_class_bmus(df, classes=[1, 7])
 

@@ -2,7 +2,6 @@
 missing, and on a tiny real run (sklearn digits) shows the numbers of the data."""
 from __future__ import annotations
 
-import json
 import os
 import re
 
