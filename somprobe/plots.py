@@ -28,7 +28,8 @@ from .run import Run, atomic_path
 
 __all__ = [
     "DPI", "natural_key", "natural_sorted", "save_figure", "plot_curves", "plot_density",
-    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances", "weight_distance_sizes",
+    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances",
+    "weight_distance_sizes",
     "plot_weight_similarity", "plot_centre_similarity", "plot_correct_incorrect", "plot_shifts",
     "plot_attacks", "plot_run",
 ]
@@ -186,24 +187,43 @@ def _empty_panel(ax, text="no data") -> None:
     ax.set_yticks([])
 
 
-def _grid_matrix(df: pd.DataFrame, value: str, m: int, n: int, fill=np.nan) -> np.ndarray:
-    """Place ``value`` at (row, col) on an m×n array; units absent from ``df`` get ``fill``."""
-    mat = np.full((m, n), fill, dtype=float)
+def _resolution(df: pd.DataFrame) -> int:
+    """Evaluation points per grid unit of a density table (``row``/``col`` at multiples of 1/r,
+    see ``analysis.density.density_points``); 1 for unit centres."""
+    pos = np.unique(np.concatenate([pd.to_numeric(df["row"], errors="coerce").to_numpy(float),
+                                    pd.to_numeric(df["col"], errors="coerce").to_numpy(float)]))
+    pos = pos[np.isfinite(pos)]
+    step = np.diff(pos)
+    step = step[step > 1e-9]
+    return max(1, int(round(1.0 / step.min()))) if step.size and step.min() < 1 else 1
+
+
+def _grid_matrix(df: pd.DataFrame, value: str, m: int, n: int, fill=np.nan,
+                 resolution: int = 1) -> np.ndarray:
+    """Place ``value`` at (row, col) on an (m·r)×(n·r) array, r = ``resolution``; positions
+    absent from ``df`` get ``fill``."""
+    k = int(resolution)
+    mat = np.full((m * k, n * k), fill, dtype=float)
     if len(df):
-        r = df["row"].to_numpy(dtype=np.int64)
-        c = df["col"].to_numpy(dtype=np.int64)
-        ok = (r >= 0) & (r < m) & (c >= 0) & (c < n)
+        rf = pd.to_numeric(df["row"], errors="coerce").to_numpy(float) * k
+        cf = pd.to_numeric(df["col"], errors="coerce").to_numpy(float) * k
+        r = np.rint(np.nan_to_num(rf, nan=-1.0)).astype(np.int64)
+        c = np.rint(np.nan_to_num(cf, nan=-1.0)).astype(np.int64)
+        ok = ((r >= 0) & (r < m * k) & (c >= 0) & (c < n * k)
+              & (np.abs(rf - r) < 1e-6) & (np.abs(cf - c) < 1e-6))
         if not ok.all():
+            bad = np.flatnonzero(~ok)[0]
             raise AnalysisError(
-                f"rows/cols outside the {m}x{n} grid (e.g. row {r[~ok][0]}, col {c[~ok][0]}): "
-                "the table and the SOM size disagree; re-run `somprobe analyze`"
+                f"row/col ({df['row'].iloc[bad]}, {df['col'].iloc[bad]}) is not a point of the "
+                f"{m}x{n} grid (at {k} point(s) per unit): the table and the SOM size disagree; "
+                "re-run `somprobe analyze`"
             )
         v = pd.to_numeric(df[value], errors="coerce").to_numpy(dtype=float)
         keep = np.isfinite(v)
         # Several rows on one unit (not expected in a tidy table) are summed, not dropped.
-        total = np.zeros((m, n))
+        total = np.zeros(mat.shape)
         np.add.at(total, (r[keep], c[keep]), v[keep])
-        seen = np.zeros((m, n), dtype=bool)
+        seen = np.zeros(mat.shape, dtype=bool)
         seen[r[keep], c[keep]] = True
         mat[seen] = total[seen]
     return mat
@@ -217,10 +237,14 @@ def _grid_ticks(ax, m: int, n: int) -> None:
     ax.tick_params(length=2, labelsize="small")
 
 
-def _heat(ax, mat, *, cmap, vmin, vmax):
-    # origin="upper": row 0 at the top, as the grid is indexed row-major like a matrix.
+def _heat(ax, mat, *, cmap, vmin, vmax, resolution: int = 1):
+    # origin="upper": row 0 at the top, as the grid is indexed row-major like a matrix. The extent
+    # keeps the axes in grid units whatever the number of evaluation points per unit.
+    h = 0.5 / resolution
+    rows, cols = mat.shape
     return ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                     origin="upper", aspect="equal")
+                     origin="upper", aspect="equal",
+                     extent=(-h, cols / resolution - h, rows / resolution - h, -h))
 
 
 def _range(values) -> tuple[float, float]:
@@ -297,6 +321,7 @@ def plot_density(density: pd.DataFrame, *, size: str | None = None, col_wrap: in
     df, size = _select_size(df, "density", size)
     df = _finite(df, "density")
     m, n = _grid_shape(size, df)
+    res = _resolution(df)
     layers = natural_sorted(df["layer"].astype(str))
     splits = _split_order(df["split"].astype(str))
     ncols = max(1, min(len(layers), col_wrap))
@@ -317,8 +342,8 @@ def plot_density(density: pd.DataFrame, *, size: str | None = None, col_wrap: in
                 sub = df[(df["layer"].astype(str) == layer) & (df["split"].astype(str) == split)]
                 ax.set_title(f"{layer} · {_split_label(split)}", fontsize="medium")
                 if sub["density"].notna().any():
-                    image = _heat(ax, _grid_matrix(sub, "density", m, n), cmap=_DENSITY_CMAP,
-                                  vmin=vmin, vmax=vmax)
+                    image = _heat(ax, _grid_matrix(sub, "density", m, n, resolution=res),
+                                  cmap=_DENSITY_CMAP, vmin=vmin, vmax=vmax, resolution=res)
                     _grid_ticks(ax, m, n)
                 else:
                     _empty_panel(ax)

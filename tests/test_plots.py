@@ -105,6 +105,20 @@ def test_density_panels_and_values():
     assert len(lims) == 1
 
 
+def test_density_at_finer_resolution():
+    # analysis may evaluate the density at r points per unit: rows/cols at multiples of 1/r
+    r, m, n = 2, 3, 4
+    pts_r, pts_c = np.arange(m * r) / r, np.arange(n * r) / r
+    vals = RNG.random((m * r, n * r))
+    df = pd.DataFrame({"layer": "CL1", "size": f"{m}x{n}", "split": "som-tr",
+                       "row": np.repeat(pts_r, pts_c.size), "col": np.tile(pts_c, pts_r.size),
+                       "density": vals.ravel()})
+    ax = [a for a in plots.plot_density(df).axes if a.images][0]
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), vals)
+    left, right, bottom, top = ax.images[0].get_extent()
+    assert (left, right, bottom, top) == (-0.25, n - 0.25, m - 0.25, -0.25)  # grid units
+
+
 def test_density_wraps_many_layers():
     layers = [f"CLS{i}" for i in range(1, 13)]
     fig = plots.plot_density(_density(layers=layers, m=3, n=3, splits=("som-tr",)), col_wrap=6)
@@ -284,7 +298,7 @@ def test_bad_tables():
     assert len(plots.plot_dclass(two, size="10x10").axes) == 1
     bad = _density(m=3, n=3)
     bad.loc[0, "row"] = 9
-    with pytest.raises(AnalysisError, match="outside the 3x3 grid"):
+    with pytest.raises(AnalysisError, match="not a point of the 3x3 grid"):
         plots.plot_density(bad)
     with pytest.raises(TypeError):
         plots.plot_dclass([1, 2, 3])
