@@ -541,8 +541,10 @@ def _tv(name: str, cls_name: str, root, allow_download: bool, hint: str, **kwarg
                         "allow a download (--download)")
     import torchvision.datasets as tvd
 
+    if cls_name != "ImageNet":  # ImageNet takes no download argument
+        kwargs["download"] = allow_download
     try:
-        return getattr(tvd, cls_name)(str(root), download=allow_download, **kwargs)
+        return getattr(tvd, cls_name)(str(root), **kwargs)
     except DataError:
         raise
     except Exception as exc:

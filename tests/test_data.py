@@ -42,6 +42,16 @@ def test_fashion_mnist_matches_direct_idx_read():
 
 
 @needs_fmnist
+def test_fashion_mnist_from_data_root(tmp_path):
+    for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / f).symlink_to(FMNIST / f)
+    ds = D.load_dataset("fashion-mnist", split="test", root=tmp_path)
+    assert len(ds) == 10000
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        D.load_dataset("fashion-mnist", split="train", root=tmp_path)  # train files missing
+
+
+@needs_fmnist
 def test_fashion_mnist_train_split_and_labels():
     ds = D.load_dataset("fashion-mnist", split="train", image_size=32)
     lab = _raw_idx(FMNIST / "train-labels-idx1-ubyte.gz", 8)
@@ -235,6 +245,8 @@ def test_torchvision_datasets_need_a_root(tmp_path):
         D.load_dataset("svhn", root=tmp_path / "nope")
     with pytest.raises(DataError, match="cannot read cifar100"):
         D.load_dataset("cifar100", root=tmp_path)  # exists but empty; no download
+    with pytest.raises(DataError, match="cannot read imagenet"):
+        D.load_dataset("imagenet", root=tmp_path, split="val")
     assert list(tmp_path.iterdir()) == []
 
 
