@@ -23,7 +23,8 @@ Paths:
 
 image folder
     one sub-folder per class (``root/<class>/<file>``), or split folders ``root/train/<class>/…``
-    plus ``root/val/…`` or ``root/test/…``. Files PIL cannot open are skipped and counted in
+    plus ``root/val/…`` or ``root/test/…``. Every file is decoded once when the folder is loaded;
+    files PIL cannot open or decode (e.g. truncated) are skipped and counted in
     ``.skipped`` (names in ``.skipped_files``), or raise :class:`DataError` with ``strict=True``.
     Ids are the posix paths relative to ``root``.
 tensor files
@@ -692,10 +693,12 @@ def _scan_classes(root: Path, strict: bool):
         files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
         for p in files:
             try:
-                # verify() reads the whole file for most formats, so truncated files show up here
-                # rather than in the middle of an extraction.
+                # verify() checks PNG checksums but not JPEG data, so the image is also decoded:
+                # broken files show up here rather than in the middle of an extraction.
                 with Image.open(p) as im:
                     im.verify()
+                with Image.open(p) as im:
+                    im.load()
             except Exception as exc:
                 if strict:
                     raise DataError(f"corrupt image {p}: {exc}; remove or replace it, or drop "

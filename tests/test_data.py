@@ -177,13 +177,16 @@ def _digits_folder(root, n_per_class=4, corrupt=True):
             written[p.relative_to(root).as_posix()] = arr
     if corrupt:
         (root / "class1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        jpg = root / "class2" / "cut.jpg"
+        Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(jpg)
+        jpg.write_bytes(jpg.read_bytes()[:200])  # truncated: header fine, data cut
     return written
 
 
 def test_image_folder_skips_corrupt_and_reads_pixels(tmp_path):
     written = _digits_folder(tmp_path)
     ds = D.load_dataset(tmp_path, split="all", image_size=8)
-    assert ds.skipped == 1 and ds.skipped_files == ["class1/broken.png"]
+    assert ds.skipped == 2 and ds.skipped_files == ["class1/broken.png", "class2/cut.jpg"]
     assert len(ds) == 12 and ds.classes == ["class0", "class1", "class2"]
     x = ds.images(np.arange(len(ds)))
     for j, sid in enumerate(ds.ids):
