@@ -345,6 +345,7 @@ def plot_density(density: pd.DataFrame, *, size: str | None = None, col_wrap: in
                     image = _heat(ax, _grid_matrix(sub, "density", m, n, resolution=res),
                                   cmap=_DENSITY_CMAP, vmin=vmin, vmax=vmax, resolution=res)
                     _grid_ticks(ax, m, n)
+                    ax.tick_params(labelleft=i % ncols == 0)
                 else:
                     _empty_panel(ax)
                 if i % ncols == 0:
@@ -406,8 +407,13 @@ def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
     rows = [(layer, split) for layer in layers for split in splits]
     _, vmax = _range(df["count"])
     with _style():
-        fig = _new_figure(2.0 * len(classes) + 1.4, 2.0 * len(rows) + 0.6)
-        axes = fig.subplots(len(rows), len(classes), squeeze=False)
+        # A fixed grid instead of constrained layout: its solver grows steeply with the number
+        # of panels (12 CLS layers × 2 splits × classes) and the panels are all alike anyway.
+        width, height = 1.8 * len(classes) + 1.6, 1.9 * len(rows) + 0.7
+        fig = Figure(figsize=(width, height))
+        axes = fig.subplots(len(rows), len(classes), squeeze=False, gridspec_kw=dict(
+            left=1.0 / width, right=1 - 1.3 / width, bottom=0.35 / height,
+            top=1 - 0.55 / height, wspace=0.12, hspace=0.18))
         image = None
         for r, (layer, split) in enumerate(rows):
             for c, cls in enumerate(classes):
@@ -418,12 +424,17 @@ def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
                 image = _heat(ax, _grid_matrix(sub, "count", m, n, fill=0.0), cmap=_COUNT_CMAP,
                               vmin=0.0, vmax=vmax)
                 _grid_ticks(ax, m, n)
+                # Tick labels on the outer panels only: all panels share the grid, and many
+                # layers (12 CLS) make hundreds of labels that cost more than the images.
+                ax.tick_params(labelbottom=r == len(rows) - 1, labelleft=c == 0)
                 if r == 0:
                     ax.set_title(f"class {cls}", fontsize="medium")
                 if c == 0:
                     ax.set_ylabel(f"{layer}\n{_split_label(split)}")
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="top-10 BMU hits")
-        fig.suptitle(f"Top-10 BMUs per class on the {size} torus")
+        bar_h = min(0.6, 4.0 / height)
+        cax = fig.add_axes((1 - 1.0 / width, 0.5 - bar_h / 2, 0.18 / width, bar_h))
+        fig.colorbar(image, cax=cax, label="top-10 BMU hits")
+        fig.suptitle(f"Top-10 BMUs per class on the {size} torus", y=1 - 0.15 / height)
     return fig
 
 
