@@ -291,10 +291,10 @@ def analyze(out, size, layers, train_split, val_split, splits, method, k, k_cent
         _figures(run, quiet)
 
 
-def _figures(run: Run, quiet: bool) -> None:
+def _figures(run: Run, quiet: bool, **kwargs) -> None:
     from .plots import plot_run
 
-    paths = plot_run(run)
+    paths = plot_run(run, progress=not quiet, **kwargs)
     click.echo(f"{len(paths)} figures in {run.figures_dir}")
 
 
@@ -328,13 +328,20 @@ def shift(out, clean_split, perturbed, size, layers, k, no_figures, quiet):
 @main.command()
 @OUT
 @click.option("--title", help="Report title.")
+@click.option("--size", help="Only these SOM sizes in the figures (default: all).")
+@click.option("--classes", help="Classes shown in the class-BMU figure, comma separated.")
+@click.option("--shift-kind", type=click.Choice(["box", "violin"]), default="box", show_default=True)
+@click.option("--no-figures", is_flag=True, help="Embed the figures already drawn; draw none.")
+@QUIET
 @_friendly
-def report(out, title):
-    """Write RUN/report.html: every figure embedded, summary tables, metadata and commands."""
+def report(out, title, size, classes, shift_kind, no_figures, quiet):
+    """Draw the figures and write RUN/report.html: figures embedded, tables, metadata, commands."""
     from .report import write_report
 
     run = Run(out)
     _log_command(run)
+    if not no_figures:
+        _figures(run, quiet, sizes=_csv(size), classes=_csv(classes, int), shift_kind=shift_kind)
     path = write_report(run, title=title)
     click.echo(str(path))
 
