@@ -341,7 +341,10 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
     run = Run(out)
     _log_command(run)
     if not no_figures:
-        _figures(run, quiet, sizes=_csv(size), classes=_csv(classes, int), shift_kind=shift_kind)
+        from .som.job import parse_sizes
+
+        sizes = None if size is None else [f"{m}x{n}" for m, n in parse_sizes(size)]
+        _figures(run, quiet, sizes=sizes, classes=_csv(classes, int), shift_kind=shift_kind)
     path = write_report(run, title=title)
     click.echo(str(path))
 
