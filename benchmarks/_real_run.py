@@ -72,11 +72,26 @@ def copy_model(src: Run, dst: Run) -> None:
     os.replace(tmp, dst.model_dir)
 
 
-def _stamp(run: Run, *, per_class: int, size: int, som_epochs: int, seed: int) -> dict:
-    st = run.checkpoint.stat()
-    return {"checkpoint_bytes": st.st_size, "checkpoint_mtime": int(st.st_mtime),
-            "per_class": per_class, "size": size, "som_epochs": som_epochs, "som_batch_size": 10,
-            "seed": seed, "layers": LAYERS}
+def _stamp(weights: str, *, per_class: int, size: int, som_epochs: int, seed: int) -> dict:
+    return {"weights": weights, "per_class": per_class, "size": size, "som_epochs": som_epochs,
+            "som_batch_size": 10, "seed": seed, "layers": LAYERS}
+
+
+def random_init_model(meta: dict, *, seed: int, device: str):
+    """The trained model's architecture with untrained (timm-initialised) weights: the control.
+
+    Same normalisation, input size and class count as the trained model; timm draws the initial
+    weights from torch's global generator, so it is forked and seeded here and restored after.
+    """
+    import torch
+
+    from somprobe.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(meta["model"], num_classes=int(meta["num_classes"]),
+                           image_size=int(meta["image_size"]), mean=meta["mean"], std=meta["std"],
+                           device=device)
 
 
 def _complete(run: Run, size: int) -> bool:
@@ -91,21 +106,28 @@ def _complete(run: Run, size: int) -> bool:
 
 
 def ensure_codes_and_soms(run: Run, meta: dict, *, per_class: int, size: int, som_epochs: int,
-                          seed: int, device: str, fresh: bool, say) -> tuple:
+                          seed: int, device: str, fresh: bool, say, random_init: bool = False) -> tuple:
     """Extract SOM-tr/SOM-val codes and fit one torus SOM per CL (study 003 defaults) unless the
     run already holds them for exactly these settings.
 
-    Returns ``(net, draws, timings)`` with the loaded model and the two draws.
+    ``random_init`` uses :func:`random_init_model` instead of the run's trained model (the run
+    then needs no model/ folder). Returns ``(net, draws, timings)``.
     """
     from somprobe.classifier import load_trained
     from somprobe.data import som_splits
     from somprobe.extract import extract
     from somprobe.som.job import fit_run
 
-    net = load_trained(run, device=device)
+    if random_init:
+        net = random_init_model(meta, seed=seed, device=device)
+        weights = f"random-init {meta['model']} seed {seed}"
+    else:
+        net = load_trained(run, device=device)
+        st = run.checkpoint.stat()
+        weights = f"checkpoint {st.st_size} bytes, mtime {int(st.st_mtime)}"
     draws = som_splits(meta["dataset"], per_class=per_class, seed=seed,
                        image_size=int(meta["image_size"]))
-    want = _stamp(run, per_class=per_class, size=size, som_epochs=som_epochs, seed=seed)
+    want = _stamp(weights, per_class=per_class, size=size, som_epochs=som_epochs, seed=seed)
     stamp_path = run.root / STAMP
     have = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
     timings = {}
@@ -117,7 +139,7 @@ def ensure_codes_and_soms(run: Run, meta: dict, *, per_class: int, size: int, so
     t = time.perf_counter()
     for split, (ds, idx) in draws.items():
         extract(net, ds, idx, layers=LAYERS, out=run, split=split, seed=seed, per_class=per_class,
-                device=device, overwrite=True, meta={"checkpoint": str(run.checkpoint)})
+                device=device, overwrite=True, meta={"weights": weights})
     timings["extract_s"] = time.perf_counter() - t
     say(f"fitting one {size}x{size} torus SOM per layer (5 epochs, batch 10, cosine: paper defaults)")
     t = time.perf_counter()
