@@ -19,10 +19,8 @@ Files written (each atomically; ``summary.json`` last, so its presence means the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ import torch
 from . import attacks as _attacks
 from .errors import AttackError, StoreError
 from .models import resolve_device
-from .run import Run, atomic_path, atomic_write_bytes, atomic_write_json
+from .run import Run, atomic_path, atomic_write_json, save_csv, save_npy
 
 __all__ = ["attack_run", "ATTACKS", "default_name", "source_ids", "ATTACKS_TABLE_COLUMNS"]
 
@@ -294,7 +292,7 @@ def attack_run(
 
     for fname, arr in (("labels.npy", used), ("clean_preds.npy", clean_pred), ("preds.npy", pert_pred)) \
             + ((("targets.npy", targets),) if targeted else ()):
-        _save_npy(out_dir / fname, arr)
+        save_npy(out_dir / fname, arr)
     atomic_write_json(out_dir / "ids.json", ids)
 
     # Accuracy is against the dataset labels; with predicted labels there is no accuracy, and
@@ -356,14 +354,6 @@ def attack_run(
     return summary
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _extract(run, model, out_dir, ids, labels, *, name, layers, source, dataset_name, batch_size,
              device, overwrite, progress, meta):
     from .extract import extract_images
@@ -399,4 +389,4 @@ def _append_table(run: Run, summary: dict) -> None:
         table = table[table["name"] != summary["name"]]
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True) if len(table) else \
         pd.DataFrame([row], columns=ATTACKS_TABLE_COLUMNS)
-    atomic_write_bytes(path, table.to_csv(index=False).encode())
+    save_csv(path, table)

@@ -8,7 +8,6 @@ directory is an ordinary run that every other command can continue.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Callable
 
 from .run import Run

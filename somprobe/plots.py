@@ -24,7 +24,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .errors import AnalysisError
-from .run import Run, atomic_path
+from .run import Run, atomic_output
 
 __all__ = [
     "DPI", "natural_key", "natural_sorted", "save_figure", "plot_curves", "plot_density",
@@ -114,14 +114,9 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
         ``path``.
     """
     path = Path(path)
-    tmp = atomic_path(path)
     try:
-        with _style():
+        with atomic_output(path) as tmp, _style():
             fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         _close(fig)
     return path

@@ -16,10 +16,12 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_json", "atomic_path", "som_key"]
+__all__ = ["Run", "atomic_output", "atomic_path", "atomic_write_bytes", "atomic_write_json",
+           "save_npy", "save_csv", "som_key"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:+-]+$")
 
@@ -142,18 +144,44 @@ def atomic_path(path: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary path to write; on success it replaces ``path``, on failure it is removed.
+
+    ::
+
+        with atomic_output(run.checkpoint) as tmp:
+            torch.save(state, tmp)
+    """
     tmp = atomic_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """``np.save`` to ``path`` atomically (``np.save`` on a name would append ``.npy`` to the temp name)."""
+    import numpy as np
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def save_csv(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as CSV to ``path`` atomically, without its index."""
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

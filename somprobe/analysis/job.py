@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalysisError
-from ..run import Run, atomic_path, som_key
+from ..run import Run, save_csv, save_npy, som_key
 from ..som.grid import Grid
 from .centres import check_bmus, class_centres, class_means, correct_vs_incorrect, d_class
 from .density import bmu_density, class_bmu_counts, density_points
@@ -278,25 +277,8 @@ def write_table(run, name: str, df: pd.DataFrame) -> Path:
     """Write ``df`` as ``run.table(name)`` CSV atomically (temporary file + rename)."""
     run = Run(run) if not isinstance(run, Run) else run
     path = run.table(name)
-    tmp = atomic_path(path)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_csv(path, df)
     return path
-
-
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _frame(name: str, parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -424,7 +406,7 @@ def analyze_run(run, *, sizes=None, layers=None, splits=None, train_split: str =
 
         dist = weight_cosine_distances(W)
         if write:
-            _write_npy(run.weight_distances_path(entry.layer, entry.m, entry.n), dist)
+            save_npy(run.weight_distances_path(entry.layer, entry.m, entry.n), dist)
         parts["weight_similarity"].append(pd.DataFrame([{**tag, **weight_similarity_summary(dist)}]))
         parts["centre_similarity"].append(_tag(centre_similarity(W, cen, grid, classes=centre_cls), **tag))
 

@@ -10,7 +10,6 @@ Reads ``codes/<train_split>/`` (``somprobe extract``), writes into ``soms/``::
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from somprobe.errors import SOMError
-from somprobe.run import Run, atomic_path
+from ..run import Run, save_csv, save_npy
 from somprobe.som.map import CURVE_COLUMNS, SOM
 
 __all__ = ["fit_run", "parse_sizes", "bmus_dist_path", "som_checkpoint_path", "CURVES_COLUMNS",
@@ -80,27 +79,6 @@ def som_checkpoint_path(run: Run, layer: str, m: int, n: int) -> Path:
     """Per-epoch checkpoint of a fit in progress (``soms/<layer>-<m>x<n>.ckpt.pt``)."""
     p = run.som_path(layer, m, n)
     return p.with_name(p.stem + ".ckpt.pt")
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _save_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = atomic_path(path)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _open(run: Run, split: str):
@@ -198,8 +176,8 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
                 if layer not in store.layers:
                     continue
                 idx, dist = som.bmus(store.codes(layer), k=min(int(k), som.n_units))
-                _save_npy(run.bmus_path(split, layer, m, n), idx)
-                _save_npy(bmus_dist_path(run, split, layer, m, n), dist)
+                save_npy(run.bmus_path(split, layer, m, n), idx)
+                save_npy(bmus_dist_path(run, split, layer, m, n), dist)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -218,4 +196,4 @@ def _write_curves(run: Run, new: pd.DataFrame) -> None:
         keys = set(zip(new["layer"], new["size"]))
         old = old[[(l, s) not in keys for l, s in zip(old["layer"], old["size"])]]
         new = pd.concat([old, new], ignore_index=True) if len(old) else new
-    _save_csv(path, new[CURVES_COLUMNS])
+    save_csv(path, new[CURVES_COLUMNS])

@@ -9,7 +9,6 @@ to the device. All grid geometry comes from :class:`somprobe.som.grid.Grid`.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pandas as pd
 import torch
 
 from somprobe.errors import SOMError
-from somprobe.run import atomic_path, atomic_write_json
+from ..run import atomic_output, atomic_write_json
 from somprobe.som import train as _train
 from somprobe.som.grid import TOPOLOGIES, Grid
 
@@ -624,13 +623,8 @@ class SOM:
         """
         path = Path(path)
         state = self.state_dict()
-        tmp = atomic_path(path)
-        try:
+        with atomic_output(path) as tmp:
             torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         side = path.with_suffix(".json")
         info = {k: v for k, v in state.items() if k not in ("weights", "rng_state", "curve", "epoch_loss")}
         info["weights_file"] = path.name
