@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 
 from somprobe.errors import SOMError
+from ..models import resolve_device
 from ..run import atomic_output, atomic_write_json
 from somprobe.som import train as _train
 from somprobe.som.grid import TOPOLOGIES, Grid
 
-__all__ = ["SOM", "METRICS", "INITS", "MODES", "CURVE_COLUMNS", "resolve_device"]
+__all__ = ["SOM", "METRICS", "INITS", "MODES", "CURVE_COLUMNS"]
 
 METRICS = ("cosine", "euclidean")
 INITS = ("normal", "sample", "pca")
@@ -35,18 +36,6 @@ _CHUNK_BYTES = 64 * 2**20
 _SCORE_BYTES = 64 * 2**20
 # Rows of a curve per epoch when ``log_every`` is not given.
 _CURVE_ROWS_PER_EPOCH = 50
-
-
-def resolve_device(device="auto") -> torch.device:
-    """``"auto"`` → CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise SOMError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:i]'") from e
 
 
 class _Rows:
