@@ -42,11 +42,11 @@ TRAIN_DEFAULTS = dict(model_name="resnet18", batch_size=128, lr=0.05, weight_dec
 
 
 def default_epochs(n_train: int) -> int:
-    """Epochs used when none are given: 8 for small training sets (≤ 10,000), else 3.
+    """Epochs used when none are given: 8 for small training sets (≤ 10,000), else 4.
 
     Both reach the accuracy targets (mnist5k ≥ 95 %, fashion-mnist ≥ 88 %) on CPU in minutes.
     """
-    return 8 if n_train <= 10_000 else 3
+    return 8 if n_train <= 10_000 else 4
 
 
 def default_image_size(native_size: int | None) -> int:
@@ -174,7 +174,7 @@ def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mn
     """Train a randomly initialised timm classifier and save it into a run directory.
 
     SGD (momentum 0.9, Nesterov) with a one-cycle learning-rate schedule, cross-entropy, optional
-    random-shift augmentation (±S/8 px, zero padding); validation accuracy after every epoch. The
+    random-shift augmentation (±S/16 px, zero padding); validation accuracy after every epoch. The
     model sees pixels in [0, 1]; the dataset's mean/std are applied inside the wrapper and saved in
     the metadata.
 
@@ -194,7 +194,8 @@ def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mn
     image_size : int, optional
         Input side; default :func:`default_image_size` of the dataset's native size.
     augment : bool
-        Random shifts of up to S/8 pixels during training.
+        Random shifts of up to S/16 pixels during training (±2 px at 32 px; ±4 px
+        underfitted fashion-mnist in 3 epochs: 88.5 % validation).
     seed : int
         Seeds initialisation, shuffling and augmentation (global RNG state untouched).
     device : str
@@ -283,7 +284,7 @@ def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mn
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, desc=f"train {model_name}")
-    pad = max(1, size // 8)
+    pad = max(1, size // 16)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
