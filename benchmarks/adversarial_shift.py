@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _real_run import ensure_codes_and_soms, ensure_model, md_table, set_threads, text_table  # noqa: E402
+from _real_run import (copy_model, ensure_codes_and_soms, ensure_model, md_table, set_threads,  # noqa: E402
+                       text_table)
 
 from somprobe.run import Run  # noqa: E402
 
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/fmnist-resnet18", help="Run with the trained model.")
+    p.add_argument("--out", help="Run for codes/SOMs/attacks (default: --run for 50 per class and "
+                                 "20x20, else <run>-pc<N>[-s<size>], shared with paper_trends.py).")
     p.add_argument("--train", action="store_true", help="Train the model first if --run has none.")
     p.add_argument("--data", default="fashion-mnist", help="Dataset for --train.")
     p.add_argument("--model", default="resnet18", help="Model for --train.")
@@ -89,12 +92,13 @@ def main(argv=None) -> int:
     src = Run(a.run)
     meta = ensure_model(src, train=a.train, data=a.data, model=a.model, seed=a.seed,
                         device=a.device, say=say)
-    if a.per_class == 50 and a.size == 20:
+    if a.out:
+        run = Run(a.out)
+    elif a.per_class == 50 and a.size == 20:
         run = src
     else:
-        from _real_run import copy_model
-
         run = Run(f"{str(src.root).rstrip('/')}-pc{a.per_class}" + ("" if a.size == 20 else f"-s{a.size}"))
+    if run.root.resolve() != src.root.resolve():
         copy_model(src, run)
     net, draws, timings = ensure_codes_and_soms(run, meta, per_class=a.per_class, size=a.size,
                                                 som_epochs=a.som_epochs, seed=a.seed,
