@@ -128,6 +128,7 @@ def ensure_codes_and_soms(run: Run, meta: dict, *, per_class: int, size: int, so
     draws = som_splits(meta["dataset"], per_class=per_class, seed=seed,
                        image_size=int(meta["image_size"]))
     want = _stamp(weights, per_class=per_class, size=size, som_epochs=som_epochs, seed=seed)
+    want.update(dataset=meta["dataset"], image_size=int(meta["image_size"]))
     stamp_path = run.root / STAMP
     have = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
     timings = {}
