@@ -4,7 +4,8 @@ The main entry points, importable from the top level (loaded on first use, so ``
 stays fast)::
 
     from somprobe import Run, load_dataset, som_splits, train_classifier, load_trained, build_model
-    from somprobe import extract, SOM, Grid, fit_run, analyze_run, shift_run
+    from somprobe import SOM, Grid, fit_run, analyze_run, shift_run
+    from somprobe.extract import extract
     from somprobe import pgd, fgsm, uniform_noise, attack_run, plot_run, write_report, run_demo
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ _EXPORTS = {
     "ProbedModel": "models", "split_model": "models",
     "vector_code": "codes",
     "open_store": "store", "CodeStore": "store",
-    "extract": "extract", "extract_images": "extract",
+    "extract_images": "extract",  # `extract` itself: somprobe.extract.extract (the name is the module)
     "train_classifier": "classifier", "load_trained": "classifier",
     "SOM": "som.map", "Grid": "som.grid", "fit_run": "som.job",
     "analyze_run": "analysis.job", "shift_run": "analysis.job",
