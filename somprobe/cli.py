@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +29,24 @@ def _csv(value: str | None, cast=str):
 
 
 def _log_command(run: Run) -> None:
-    """Append the command line to the run's log so the report can say what made it."""
+    """Append the command to the run's log so the report can say what made it.
+
+    The line is rebuilt from the parsed options (every option that differs from its default), so
+    it is the same whether the command came from a shell, a script or ``CliRunner``.
+    """
+    ctx = click.get_current_context()
+    words = ["somprobe", ctx.info_name]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        if value is None or value == param.default or (param.is_flag and not value):
+            continue
+        flag = max(param.opts, key=len)
+        words += [flag] if param.is_flag else [flag, str(value)]
     run.root.mkdir(parents=True, exist_ok=True)
-    line = shlex.join(["somprobe", *sys.argv[1:]])
     with open(run.commands_log, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {line}\n")
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {shlex.join(words)}\n")
 
 
 def _friendly(fn):
