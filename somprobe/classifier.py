@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .data import ImageDataset, load_dataset
 from .errors import ModelError
-from .models import NormalizedModel, build_model, resolve_device
+from .models import build_model, check_input_size, resolve_device
 from .run import Run, atomic_path, atomic_write_json
 
 __all__ = ["train_classifier", "load_trained", "evaluate", "default_epochs", "default_image_size",
@@ -64,22 +64,6 @@ def default_image_size(native_size: int | None) -> int:
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
-def _create_net(model_name: str, num_classes: int, seed: int) -> nn.Module:
-    import timm
-
-    if not timm.is_model(model_name):
-        # build_model gives the same error with close matches
-        build_model(model_name)
-    try:
-        # Seed the initialisation without leaving a trace on the global generator.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ModelError(f"cannot create timm model {model_name!r} with {num_classes} classes: "
-                         f"{exc}") from exc
-
-
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
@@ -241,9 +225,10 @@ def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mn
     va_idx = _subset(len(val_ds), max_val, seed + 1)
     num_classes = train_ds.num_classes
 
-    net = _create_net(model_name, num_classes, seed)
-    model = NormalizedModel(net, mean=train_ds.mean, std=train_ds.std, name=model_name,
-                            image_size=size, num_classes=num_classes).to(dev)
+    model = build_model(model_name, num_classes=num_classes, image_size=size, mean=train_ds.mean,
+                        std=train_ds.std, seed=seed, device=dev)
+    check_input_size(model, size)
+    net = model.net
     steps_per_epoch = math.ceil(len(tr_idx) / batch_size)
     # No weight decay on BatchNorm/bias parameters, the usual choice for ResNets.
     decay = [p for p in net.parameters() if p.ndim > 1]

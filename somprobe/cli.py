@@ -56,11 +56,13 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (SomprobeError, FileNotFoundError, FileExistsError) as e:
+        except (SomprobeError, ValueError, FileNotFoundError, FileExistsError) as e:
+            # Library errors already name the problem and the fix; a traceback adds nothing.
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
             raise click.ClickException(
-                "interrupted; re-run the same command with --resume to continue where it stopped"
+                "interrupted; nothing half-written was kept. Re-run the same command (train, "
+                "extract and fit continue where they stopped with --resume)"
             )
 
     return wrapper
@@ -125,8 +127,10 @@ def train(out, model, data, data_root, download, image_size, epochs, batch_size,
 # ---------------------------------------------------------------------------------------------
 # extract
 # ---------------------------------------------------------------------------------------------
-def _load_model(run: Run, *, model, checkpoint, pretrained, image_size, device, quiet):
-    """The model a command works on: --checkpoint / --pretrained / RUN's trained model / random init."""
+def _load_model(run: Run, *, model, checkpoint, pretrained, image_size, device, quiet, seed=0,
+                manifest=None):
+    """The model a command works on: --checkpoint / --pretrained / RUN's trained model / the model
+    a code store was extracted with (``manifest``) / random init seeded with ``seed``."""
     from .classifier import load_trained
     from .models import build_model
 
@@ -135,14 +139,32 @@ def _load_model(run: Run, *, model, checkpoint, pretrained, image_size, device, 
         if model is None or model == meta.get("model"):
             _say(quiet, f"using the trained {meta.get('model')} in {run.model_dir}")
             return load_trained(run, device=device)
+    if model is None and manifest and manifest.get("model"):
+        # The codes to be compared came from this model: rebuild exactly that one.
+        model, pretrained = manifest["model"], bool(manifest.get("pretrained"))
+        checkpoint = manifest.get("checkpoint") or None
+        if manifest.get("init_seed") is not None:
+            seed = int(manifest["init_seed"])
+        _say(quiet, f"using {model} as recorded in the code store"
+                    + (f" (checkpoint {checkpoint})" if checkpoint else f" (random init, seed {seed})"))
+        return build_model(model, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
+                           device=device, seed=seed)
     if model is None:
         raise click.UsageError(
             f"no trained model in {run.model_dir}: pass --model NAME (with --checkpoint PATH or "
             "--pretrained), or run `somprobe train --out RUN` first")
     if checkpoint is None and not pretrained:
-        _say(quiet, f"note: {model} with random weights (untrained network); pass --checkpoint for trained ones")
+        _say(quiet, f"note: {model} with random weights (untrained network, seed {seed}); "
+                    "pass --checkpoint for trained ones")
     return build_model(model, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
-                       device=device)
+                       device=device, seed=seed)
+
+
+def _trained_on(run: Run) -> str | None:
+    """The dataset of the model trained in ``run`` (what extraction should probe by default)."""
+    if not run.model_meta.is_file():
+        return None
+    return json.loads(run.model_meta.read_text()).get("dataset")
 
 
 def _default_store_name(split: str) -> str:
@@ -155,15 +177,17 @@ def _default_store_name(split: str) -> str:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Weights: a `somprobe train` checkpoint or a timm/torchvision state dict.")
 @click.option("--pretrained", is_flag=True, help="timm hub weights (needs network; offline use --checkpoint).")
-@click.option("--data", default="mnist5k", show_default=True, help="Dataset name or path (see `train`).")
+@click.option("--data", help="Dataset name or path (see `train`); default: the dataset RUN's model was "
+                             "trained on, else mnist5k.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of a named dataset.")
 @click.option("--split", default="both", show_default=True,
               help="train, val (=test), all, or `both`: the paper's SOM-tr (train) and SOM-val (val) draws.")
 @click.option("--name", help="Store name under RUN/codes/ (default: som-tr for train, som-val for val).")
 @click.option("--per-class", type=int, default=50, show_default=True,
               help="Samples per class (balanced, seeded); 0 takes the whole split.")
-@click.option("--layers", default="CL1-CL4", show_default=True,
-              help="Probes: CL1-CL4 (conv stages), CLS1-CLS12 (ViT CLS tokens), module:<dotted.name>, or all.")
+@click.option("--layers", default="all", show_default=True,
+              help="Probes: CL1-CL4 (conv stages), CLS1-CLS12 (ViT CLS tokens), module:<dotted.name>; "
+                   "all = CL1-CL4 of a conv net, every CLS of a ViT.")
 @click.option("--stats", default="max,mean,std,com", show_default=True, help="Per-channel statistics.")
 @click.option("--com", type=click.Choice(["flat", "rc"]), default="flat", show_default=True,
               help="Centre of mass: one number per channel, or (row, column).")
@@ -185,8 +209,9 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
     run = Run(out)
     _log_command(run)
     net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=pretrained,
-                      image_size=image_size, device=device, quiet=quiet)
+                      image_size=image_size, device=device, quiet=quiet, seed=seed)
     size = image_size or getattr(net, "image_size", None)
+    data = data or _trained_on(run) or "mnist5k"
     if split == "both":
         if name:
             raise click.UsageError("--name names one store; with --split both the stores are som-tr and som-val")
@@ -231,7 +256,7 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
 @click.option("--k", "k", type=int, default=10, show_default=True, help="BMUs kept per sample.")
 @click.option("--splits", help="Splits whose BMUs are written (default: every split of the run).")
 @click.option("--model", help="With --data: extract SOM-tr/SOM-val codes first (see `extract`).")
-@click.option("--data", help="With no code store yet: extract this dataset first (50 per class, CL1-CL4).")
+@click.option("--data", help="With no code store yet: extract this dataset first (SOM-tr/SOM-val, 50 per class).")
 @SEED
 @DEVICE
 @click.option("--resume", is_flag=True, help="Keep finished maps and continue interrupted ones.")
@@ -248,7 +273,7 @@ def fit(ctx, out, size, layers, train_split, topology, metric, sigma, alpha, dec
         if (run.codes_dir(train_split) / "manifest.json").is_file():
             _say(quiet, f"codes already in {run.codes_dir(train_split)}; --model/--data ignored")
         else:
-            ctx.invoke(extract, out=out, model=model, data=data or "mnist5k", layers=layers or "CL1-CL4",
+            ctx.invoke(extract, out=out, model=model, data=data, layers=layers or "all",
                        seed=seed, device=device, quiet=quiet)
     _log_command(run)
     paths = fit_run(run, layers=_csv(layers), sizes=size, train_split=train_split, resume=resume,
@@ -380,7 +405,8 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
 @click.option("--backend", type=click.Choice(["builtin", "advertorch"]), default="builtin", show_default=True)
 @click.option("--labels", "label_source", type=click.Choice(["auto", "dataset", "predictions"]), default="auto",
               show_default=True, help="Attack the true labels, or the model's predictions (auto: labels when known).")
-@click.option("--model", help="timm model name (default: the model trained in RUN).")
+@click.option("--model", help="timm model name (default: the model trained in RUN, else the one the "
+                              "clean store was extracted with).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -402,7 +428,8 @@ def attack(out, attack, source_split, name, eps, steps, step_size, norm, targete
     _log_command(run)
     manifest = open_store(run.codes_dir(source_split)).manifest
     net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=False,
-                      image_size=manifest.get("image_size"), device=device, quiet=quiet)
+                      image_size=manifest.get("image_size"), device=device, quiet=quiet,
+                      seed=seed, manifest=manifest)
     ds = load_dataset(manifest["dataset"], split=manifest.get("dataset_split") or "train",
                       root=data_root, image_size=manifest.get("image_size"))
     summary = attack_run(run, model=net, dataset=ds, source_split=source_split, name=name,
@@ -443,7 +470,8 @@ def _fraction(text: str, option: str) -> float:
 @click.option("--model", default="resnet18", show_default=True, help="timm model name.")
 @click.option("--per-class", type=int, default=50, show_default=True, help="SOM-tr / SOM-val samples per class.")
 @click.option("--size", default="20", show_default=True, help="SOM grid sizes, e.g. 10,20,30,40.")
-@click.option("--layers", default="CL1-CL4", show_default=True, help="Probes (CLS1-CLS12 for ViTs).")
+@click.option("--layers", default="all", show_default=True,
+              help="Probes (all = CL1-CL4 of a conv net, every CLS token of a ViT).")
 @click.option("--train-epochs", type=int, help="Classifier epochs (default: `somprobe train`'s).")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
 @SEED

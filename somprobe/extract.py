@@ -10,7 +10,7 @@ import torch
 
 from .codes import STATS, layer_code, normalize_stats, _check_com
 from .errors import StoreError
-from .models import NormalizedModel, ProbedModel, parse_layers, resolve_device
+from .models import NormalizedModel, ProbedModel, check_input_size, parse_layers, resolve_device
 from .run import Run
 from .store import CodeStore, StoreWriter
 
@@ -149,6 +149,7 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
     size = int(image_size or getattr(model, "image_size", None) or getattr(dataset, "image_size", 224))
     dev = resolve_device(device)
     model = model.to(dev).eval()
+    check_input_size(model, size)
     probe = ProbedModel(model, layer_list)
 
     params = {
@@ -156,6 +157,7 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
         "checkpoint": getattr(model, "checkpoint", None),
         "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
         "pretrained": bool(getattr(model, "pretrained", False)),
+        "init_seed": getattr(model, "init_seed", None),
         "stats": list(stats),
         "com": com,
         "dataset": str(getattr(dataset, "name", "")),

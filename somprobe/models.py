@@ -181,7 +181,7 @@ def _classifier_classes(sd: dict, net: nn.Module) -> int | None:
 def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None,
                 pretrained: bool = False, in_chans: int = 3, image_size: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                device: str | torch.device = "cpu") -> NormalizedModel:
+                device: str | torch.device = "cpu", seed: int = 0) -> NormalizedModel:
     """Create a timm classifier wrapped in :class:`NormalizedModel`, in eval mode.
 
     Parameters
@@ -202,6 +202,10 @@ def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | 
     mean, std : sequence of float, optional
         Normalisation; default: ``meta.json``, else the model's pretrained config.
     device : str or torch.device
+    seed : int
+        Seed of timm's initialisation. Weights from a checkpoint or the hub replace it; without
+        them (an untrained network) the same seed gives the same weights in every command.
+        Recorded as ``model.init_seed`` (None when weights were loaded).
 
     Returns
     -------
@@ -243,13 +247,18 @@ def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | 
         # lets a ViT take inputs smaller than its 224 default (e.g. 28×28 digits upsampled to 32)
         kwargs["dynamic_img_size"] = True
     try:
-        try:
-            net = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError:
-            if "dynamic_img_size" not in kwargs:
-                raise
-            kwargs.pop("dynamic_img_size")
-            net = timm.create_model(name, pretrained=pretrained, **kwargs)
+        # timm initialises from torch's global generator: seed a forked copy so random weights
+        # (untrained-network studies) are the same in every command, and the caller's state is
+        # left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            try:
+                net = timm.create_model(name, pretrained=pretrained, **kwargs)
+            except TypeError:
+                if "dynamic_img_size" not in kwargs:
+                    raise
+                kwargs.pop("dynamic_img_size")
+                net = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError, ValueError, TypeError) as e:
         if pretrained:
             raise ModelError(f"cannot fetch pretrained weights for {name!r} from the timm hub ({e}); "
@@ -283,7 +292,29 @@ def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | 
         checkpoint=str(ckpt_path) if ckpt_path else None,
         checkpoint_sha256=file_sha256(ckpt_path) if ckpt_path else None,
     )
+    model.init_seed = int(seed) if sd is None and not pretrained else None
     return model.to(resolve_device(device)).eval()
+
+
+def check_input_size(model: nn.Module, image_size: int) -> None:
+    """Run one blank image of ``image_size`` px through ``model``; a size the network cannot take
+    (e.g. 16 px through a ConvNeXt, whose stride-32 stages run out of pixels) becomes a
+    :class:`ModelError` that names the size and the fix, instead of a convolution error mid-job.
+    """
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, 3, int(image_size), int(image_size),
+                    device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        name = getattr(model, "name", type(model).__name__)
+        raise ModelError(f"{name} cannot take {image_size}×{image_size} px inputs ({str(e)[:200]}); "
+                         "pass a larger --image-size (32 or more for most timm conv nets)") from e
+    finally:
+        model.train(was_training)
 
 
 def _is_vit_like(name: str) -> bool:

@@ -14,7 +14,7 @@ from .run import Run
 
 __all__ = ["run_demo", "DEMO_DEFAULTS"]
 
-DEMO_DEFAULTS = dict(data="mnist5k", model="resnet18", per_class=50, sizes=(20,), layers="CL1-CL4",
+DEMO_DEFAULTS = dict(data="mnist5k", model="resnet18", per_class=50, sizes=(20,), layers="all",
                      som_epochs=5, som_batch_size=10, attack_eps=4 / 255, attack_steps=50)
 
 
@@ -63,7 +63,8 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     sizes : sequence
         SOM grid sizes (e.g. ``(20,)`` or ``(10, 20, 30, 40)``).
     layers : str
-        Probes to extract, e.g. ``CL1-CL4`` or ``CLS1-CLS12``.
+        Probes to extract, e.g. ``CL1-CL4`` or ``CLS1-CLS12``; ``all`` = CL1–CL4 of a conv net,
+        every CLS token of a ViT.
     train_epochs : int, optional
         Classifier epochs (default: ``somprobe train``'s default).
     som_epochs, som_batch_size : int
@@ -106,7 +107,7 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     net = load_trained(run, device=device)
     meta = json.loads(run.model_meta.read_text())
 
-    say(f"extracting {layers} codes of SOM-tr / SOM-val ({per_class} per class)")
+    say(f"extracting codes ({layers}) of SOM-tr / SOM-val ({per_class} per class)")
     draws = som_splits(data, per_class=per_class, seed=seed, root=data_root,
                        image_size=int(meta["image_size"]))
     for split, (ds, idx) in draws.items():

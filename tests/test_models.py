@@ -246,3 +246,29 @@ def test_real_mnist_probes():
     assert all(torch.isfinite(a).all() for a in acts.values())
     # different digits give different CL1 maps
     assert not torch.allclose(acts["CL1"][0], acts["CL1"][1])
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone():
+    import torch
+
+    from somprobe.models import build_model
+
+    state = torch.random.get_rng_state()
+    a = build_model("test_resnet", num_classes=10, seed=3)
+    b = build_model("test_resnet", num_classes=10, seed=3)
+    c = build_model("test_resnet", num_classes=10, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    sa, sb, sc = a.net.state_dict(), b.net.state_dict(), c.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    assert a.init_seed == 3
+
+
+def test_too_small_input_names_the_size_and_the_fix():
+    from somprobe.errors import ModelError
+    from somprobe.models import build_model, check_input_size
+
+    model = build_model("test_convnext", num_classes=10)
+    check_input_size(model, 32)
+    with pytest.raises(ModelError, match=r"16×16.*--image-size"):
+        check_input_size(model, 16)
