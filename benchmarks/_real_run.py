@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 from somprobe.run import Run, atomic_write_json
 

@@ -118,7 +118,7 @@ def verdicts(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         f3 = (None, "cannot tell: SOM-val has no correctly or no wrongly classified inputs")
     else:
         n_pos = sum(g > 0 for g in gaps)
-        f3 = (n_pos == 4, f"mean gap (wrong − right) CL1..CL4: " + ", ".join(f"{g:+.2f}" for g in gaps) +
+        f3 = (n_pos == 4, "mean gap (wrong − right) CL1..CL4: " + ", ".join(f"{g:+.2f}" for g in gaps) +
               f"; positive in {n_pos}/4 layers; n wrong = {by['CL1']['n_bad']} of "
               f"{by['CL1']['n_bad'] + by['CL1']['n_ok']}")
     return [("(1) D_class shorter in CL4 than CL1", *f1),
