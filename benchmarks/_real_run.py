@@ -150,6 +150,30 @@ def ensure_codes_and_soms(run: Run, meta: dict, *, per_class: int, size: int, so
     return net, draws, timings
 
 
+def prepare(a, say):
+    """Model, run directory, codes and maps shared by paper_trends.py and adversarial_shift.py.
+
+    50 per class on 20×20 maps goes into ``--run`` itself; other settings into
+    ``<run>-pc<N>[-s<size>]`` with a copy of the model, unless ``--out`` names the run.
+    Returns ``(run, meta, net, draws, timings)``.
+    """
+    src = Run(a.run)
+    meta = ensure_model(src, train=a.train, data=a.data, model=a.model, seed=a.seed,
+                        device=a.device, say=say)
+    if a.out:
+        run = Run(a.out)
+    elif a.per_class == 50 and a.size == 20:
+        run = src
+    else:
+        run = Run(f"{str(src.root).rstrip('/')}-pc{a.per_class}" + ("" if a.size == 20 else f"-s{a.size}"))
+    if run.root.resolve() != src.root.resolve():
+        copy_model(src, run)
+    net, draws, timings = ensure_codes_and_soms(run, meta, per_class=a.per_class, size=a.size,
+                                                som_epochs=a.som_epochs, seed=a.seed,
+                                                device=a.device, fresh=a.fresh, say=say)
+    return run, meta, net, draws, timings
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _real_run import (copy_model, ensure_codes_and_soms, ensure_model, md_table, set_threads,  # noqa: E402
+from _real_run import (prepare, md_table, set_threads,  # noqa: E402
                        text_table)
 
-from somprobe.run import Run  # noqa: E402
 
 LAYERS = ["CL1", "CL2", "CL3", "CL4"]
 
@@ -89,20 +88,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     epss = [frac(e) for e in a.eps.split(",") if e.strip()]
 
-    src = Run(a.run)
-    meta = ensure_model(src, train=a.train, data=a.data, model=a.model, seed=a.seed,
-                        device=a.device, say=say)
-    if a.out:
-        run = Run(a.out)
-    elif a.per_class == 50 and a.size == 20:
-        run = src
-    else:
-        run = Run(f"{str(src.root).rstrip('/')}-pc{a.per_class}" + ("" if a.size == 20 else f"-s{a.size}"))
-    if run.root.resolve() != src.root.resolve():
-        copy_model(src, run)
-    net, draws, timings = ensure_codes_and_soms(run, meta, per_class=a.per_class, size=a.size,
-                                                som_epochs=a.som_epochs, seed=a.seed,
-                                                device=a.device, fresh=a.fresh, say=say)
+    run, meta, net, draws, timings = prepare(a, say)
     from somprobe.analysis.job import shift_run
     from somprobe.attack_job import attack_run
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _real_run import (copy_model, ensure_codes_and_soms, ensure_model, md_table, set_threads,  # noqa: E402
+from _real_run import (ensure_codes_and_soms, prepare, md_table, set_threads,  # noqa: E402
                        text_table)
 
 from somprobe.run import Run  # noqa: E402
@@ -164,20 +164,7 @@ def main(argv=None) -> int:
     say = lambda m: print(f"[paper_trends] {m}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
 
-    src = Run(a.run)
-    meta = ensure_model(src, train=a.train, data=a.data, model=a.model, seed=a.seed,
-                        device=a.device, say=say)
-    if a.out:
-        run = Run(a.out)
-    elif a.per_class == 50 and a.size == 20:
-        run = src
-    else:
-        run = Run(f"{str(src.root).rstrip('/')}-pc{a.per_class}" + ("" if a.size == 20 else f"-s{a.size}"))
-    if run.root.resolve() != src.root.resolve():
-        copy_model(src, run)
-    net, draws, timings = ensure_codes_and_soms(run, meta, per_class=a.per_class, size=a.size,
-                                                som_epochs=a.som_epochs, seed=a.seed,
-                                                device=a.device, fresh=a.fresh, say=say)
+    run, meta, net, draws, timings = prepare(a, say)
     from somprobe.analysis.job import analyze_run
 
     say("analysing (centres, D_class, weight similarity, correct vs incorrect)")
@@ -258,7 +245,7 @@ def main(argv=None) -> int:
             cmd += f" --per-class {a.per_class}"
         if a.size != 20:
             cmd += f" --size {a.size}"
-        print(f"\nCommand: `{cmd} --markdown` (model: `somprobe train --out {src.root} "
+        print(f"\nCommand: `{cmd} --markdown` (model: `somprobe train --out {a.run} "
               f"--model {meta.get('model')} --data {meta.get('dataset')}`, or add `--train`)")
     return 0
 
