@@ -150,6 +150,24 @@ def ensure_codes_and_soms(run: Run, meta: dict, *, per_class: int, size: int, so
     return net, draws, timings
 
 
+def add_run_arguments(p) -> None:
+    """The options both real-data benchmarks share (model, run directories, SOM, device, output)."""
+    p.add_argument("--run", default="runs/fmnist-resnet18", help="Run with the trained model.")
+    p.add_argument("--out", help="Run for codes/SOMs/attacks (default: --run for 50 per class and "
+                                 "20x20, else <run>-pc<N>[-s<size>], shared by both benchmarks).")
+    p.add_argument("--train", action="store_true", help="Train the model first if --run has none.")
+    p.add_argument("--data", default="fashion-mnist", help="Dataset for --train.")
+    p.add_argument("--model", default="resnet18", help="Model for --train.")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--size", type=int, default=20, help="SOM side (torus).")
+    p.add_argument("--som-epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch threads (default $OMP_NUM_THREADS or 2).")
+    p.add_argument("--fresh", action="store_true", help="Re-extract and re-fit even if the run has them.")
+    p.add_argument("--markdown", action="store_true", help="Also print markdown tables for BENCHMARKS.md.")
+
+
 def prepare(a, say):
     """Model, run directory, codes and maps shared by paper_trends.py and adversarial_shift.py.
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _real_run import (prepare, md_table, set_threads,  # noqa: E402
+from _real_run import (add_run_arguments, prepare, md_table, set_threads,  # noqa: E402
                        text_table)
 
 
@@ -61,25 +61,12 @@ def eps_label(eps: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/fmnist-resnet18", help="Run with the trained model.")
-    p.add_argument("--out", help="Run for codes/SOMs/attacks (default: --run for 50 per class and "
-                                 "20x20, else <run>-pc<N>[-s<size>], shared with paper_trends.py).")
-    p.add_argument("--train", action="store_true", help="Train the model first if --run has none.")
-    p.add_argument("--data", default="fashion-mnist", help="Dataset for --train.")
-    p.add_argument("--model", default="resnet18", help="Model for --train.")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--size", type=int, default=20, help="SOM side (torus).")
-    p.add_argument("--som-epochs", type=int, default=5)
+    add_run_arguments(p)
     p.add_argument("--eps", default="4/255,16/255", help="Comma-separated budgets.")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--madry", action="store_true", help="Also PGD with step 2.5*eps/steps.")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="torch threads (default $OMP_NUM_THREADS or 2).")
-    p.add_argument("--fresh", action="store_true", help="Re-extract and re-fit even if the run has them.")
     p.add_argument("--quick", action="store_true", help="10 per class, 10x10 SOMs, 10 steps (plumbing).")
-    p.add_argument("--markdown", action="store_true", help="Also print markdown tables for BENCHMARKS.md.")
     a = p.parse_args(argv)
     if a.quick:
         a.per_class, a.size, a.steps = 10, 10, 10

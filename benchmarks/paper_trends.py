@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _real_run import (ensure_codes_and_soms, prepare, md_table, set_threads,  # noqa: E402
+from _real_run import (add_run_arguments, ensure_codes_and_soms, prepare, md_table, set_threads,  # noqa: E402
                        text_table)
 
 from somprobe.run import Run  # noqa: E402
@@ -141,20 +141,8 @@ HEADER = ["layer", "median D_class SOM-tr", "median D_class SOM-val",
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/fmnist-resnet18", help="Run with the trained model.")
-    p.add_argument("--out", help="Run for codes/SOMs (default: --run for 50 per class, else <run>-pc<N>).")
-    p.add_argument("--train", action="store_true", help="Train the model first if --run has none.")
-    p.add_argument("--data", default="fashion-mnist", help="Dataset for --train.")
-    p.add_argument("--model", default="resnet18", help="Model for --train.")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--size", type=int, default=20, help="SOM side (torus).")
-    p.add_argument("--som-epochs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="torch threads (default $OMP_NUM_THREADS or 2).")
-    p.add_argument("--fresh", action="store_true", help="Re-extract and re-fit even if the run has them.")
+    add_run_arguments(p)
     p.add_argument("--quick", action="store_true", help="10 per class, 10x10 SOMs (plumbing check).")
-    p.add_argument("--markdown", action="store_true", help="Also print a markdown table for BENCHMARKS.md.")
     p.add_argument("--no-control", action="store_true",
                    help="Skip the control: the same architecture with untrained weights.")
     a = p.parse_args(argv)
