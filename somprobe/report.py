@@ -62,7 +62,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1200px;
 margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #0072b2;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.88em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.88em;display:block;max-width:100%;
+overflow-x:auto}
 th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right;vertical-align:top}
 th{background:#f2f4f7}td.t,th.t{text-align:left}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}
