@@ -19,7 +19,6 @@ Files written (each atomically; ``summary.json`` last, so its presence means the
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from . import attacks as _attacks
 from .errors import AttackError, StoreError
 from .models import resolve_device
-from .run import Run, atomic_path, atomic_write_json, save_csv, save_npy
+from .run import Run, atomic_output, atomic_write_json, save_csv, save_npy
 
 __all__ = ["attack_run", "ATTACKS", "default_name", "source_ids", "ATTACKS_TABLE_COLUMNS"]
 
@@ -243,7 +242,6 @@ def attack_run(
     # leave new images under an old summary.
     for stale in ("summary.json", "targets.npy"):
         (out_dir / stale).unlink(missing_ok=True)
-    tmp_images = atomic_path(out_dir / "images.npy")
     used = np.empty(n, dtype=np.int64)
     clean_pred = np.empty(n, dtype=np.int64)
     pert_pred = np.empty(n, dtype=np.int64)
@@ -256,7 +254,7 @@ def attack_run(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"attack {name}", unit="batch")
-    try:
+    with atomic_output(out_dir / "images.npy") as tmp_images:
         images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.float32, shape=shape)
         with _local_default_rng(seed, dev):
             for s in starts:
@@ -285,10 +283,6 @@ def attack_run(
                 images[sl] = xp.detach().to("cpu", torch.float32).numpy()
         images.flush()
         del images
-        os.replace(tmp_images, out_dir / "images.npy")
-    except BaseException:
-        tmp_images.unlink(missing_ok=True)
-        raise
 
     for fname, arr in (("labels.npy", used), ("clean_preds.npy", clean_pred), ("preds.npy", pert_pred)) \
             + ((("targets.npy", targets),) if targeted else ()):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from .data import ImageDataset, load_dataset
 from .errors import ModelError
 from .models import build_model, check_input_size, resolve_device
-from .run import Run, atomic_path, atomic_write_json
+from .run import Run, atomic_output, atomic_write_json
 
 __all__ = ["train_classifier", "load_trained", "evaluate", "default_epochs", "default_image_size",
            "TRAIN_DEFAULTS"]
@@ -135,13 +134,8 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _save_state_dict(path: Path, state: dict) -> None:
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mnist5k", *, out,
