@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     run, meta, net, draws, timings = prepare(a, say)
     from somprobe.analysis.job import shift_run
-    from somprobe.attack_job import attack_run
+    from somprobe.attacks.job import attack_run
 
     val_ds, _ = draws["som-val"]
     # (name, kind, eps, step_size) for every perturbation, in print order

@@ -26,7 +26,7 @@ _EXPORTS = {
     "SOM": "som.map", "Grid": "som.grid", "fit_run": "som.job",
     "analyze_run": "analysis.job", "shift_run": "analysis.job",
     "pgd": "attacks", "fgsm": "attacks", "uniform_noise": "attacks",
-    "attack_run": "attack_job",
+    "attack_run": "attacks.job",
     "plot_run": "plots", "write_report": "report",
     "run_demo": "pipeline",
 }

@@ -420,7 +420,7 @@ def attack(out, attack, source_split, name, eps, steps, step_size, norm, targete
            backend, label_source, model, checkpoint, data_root, batch_size, no_extract, seed, device,
            overwrite, quiet):
     """Perturb a clean split (PGD, FGSM or the noise control), report accuracy, extract codes."""
-    from .attack_job import attack_run
+    from .attacks.job import attack_run
     from .data import load_dataset
     from .store import open_store
 

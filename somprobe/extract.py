@@ -10,7 +10,8 @@ import torch
 
 from .codes import STATS, layer_code, normalize_stats, _check_com
 from .errors import StoreError
-from .models import NormalizedModel, ProbedModel, check_input_size, parse_layers, resolve_device
+from .device import resolve_device
+from .models import NormalizedModel, ProbedModel, check_input_size, parse_layers
 from .run import Run
 from .store import CodeStore, StoreWriter
 

@@ -85,7 +85,7 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
         (``val_accuracy``, ``attacks``).
     """
     from .analysis.job import analyze_run, shift_run
-    from .attack_job import attack_run
+    from .attacks.job import attack_run
     from .classifier import load_trained, train_classifier
     from .data import som_splits
     from .extract import extract

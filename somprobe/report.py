@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import fnmatch
 import html
 import json
 import os
@@ -24,7 +25,7 @@ from .errors import AnalysisError
 from .plots import natural_key, natural_sorted
 from .run import Run, atomic_write_bytes
 
-__all__ = ["write_report", "render_report", "SECTIONS", "SMALL_TABLES", "FLOAT_FORMAT"]
+__all__ = ["write_report", "render_report", "SECTIONS", "SMALL_TABLES", "FLOAT_FORMAT", "TABLE_GLOBS"]
 
 #: How numbers in rendered tables are formatted (4 significant digits).
 FLOAT_FORMAT = "{:.4g}"
@@ -46,7 +47,10 @@ SECTIONS = (
     ("attacks", "Attacks", r"^attacks?([-_].*)?$", "somprobe attack"),
     ("shifts", "BMU shifts under perturbation", r"^shifts?([-_].*)?$", "somprobe shift"),
 )
+#: Tables outside ``analysis/`` that the report shows (globs under the run root).
+TABLE_GLOBS: tuple[str, ...] = ()
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
+# Entries are table names or fnmatch patterns ("paths/*/table1").
 _SECTION_TABLES = {
     "dclass": ("dclass", "dclass_samples", "centres"),
     "density": ("density",),
@@ -246,9 +250,15 @@ def _collect(run: Run) -> dict:
             obj, err = _read_json(p)
             attacks[p.parent.name] = obj if obj is not None else {"error": err}
     info["attacks"] = attacks
-    info["tables"] = ({p.stem: p for p in sorted(run.analysis_dir.glob("*.csv"),
-                                                  key=lambda p: natural_key(p.stem))}
-                      if run.analysis_dir.is_dir() else {})
+    tables = ({p.stem: p for p in sorted(run.analysis_dir.glob("*.csv"),
+                                          key=lambda p: natural_key(p.stem))}
+              if run.analysis_dir.is_dir() else {})
+    # Capabilities with a folder of their own (paths/, geometry/, detect/): tables are named by
+    # their path under the run without ".csv", e.g. "paths/default/table1".
+    for pattern in TABLE_GLOBS:
+        for p in sorted(run.root.glob(pattern), key=lambda p: natural_key(str(p))):
+            tables[p.relative_to(run.root).with_suffix("").as_posix()] = p
+    info["tables"] = tables
     info["curves"] = run.curves_csv if run.curves_csv.is_file() else None
     info["figures"] = (sorted(run.figures_dir.glob("*.png"), key=lambda p: natural_key(p.stem))
                        if run.figures_dir.is_dir() else [])
@@ -267,7 +277,7 @@ def _table_block(run: Run, name: str, path: Path) -> str:
     if err:
         return f'<p class="missing">{_e(err)}</p>'
     title = f"<h3>Table <code>{_e(name)}</code></h3>"
-    if name in SMALL_TABLES:
+    if name in SMALL_TABLES or name.rsplit("/", 1)[-1] in SMALL_TABLES:
         if df.empty:
             return title + f"<p>{_link(run, path)}: no rows</p>"
         return title + f"<p>{_link(run, path)}, {len(df)} rows</p>" + _df_table(_sort_tidy(df))
@@ -340,8 +350,8 @@ def render_report(run: Run | str | os.PathLike, *, title: str | None = None) -> 
             parts.append("<h3>Attack summaries</h3>" + _wide_table(info["attacks"], "attack"))
         parts += [_figure_html(p) for p in figures_by_section.get(sid, [])]
         for t in _SECTION_TABLES.get(sid, ()):
-            if t in tables:
-                parts.append(_table_block(run, t, tables.pop(t)))
+            for name in [n for n in tables if fnmatch.fnmatchcase(n, t)]:
+                parts.append(_table_block(run, name, tables.pop(name)))
         if sid not in ("model", "soms") and not parts:
             parts.append(_missing(heading, command))
         elif sid == "soms" and info["curves"] is not None and not figures_by_section.get(sid):

@@ -7,6 +7,10 @@
       codes/<split>/    <layer>.npy, labels.npy, preds.npy, ids.json, manifest.json
       soms/             <layer>-<m>x<n>.pt + .json, curves.csv, bmus/<split>/<layer>-<m>x<n>.npy
       attacks/<name>/   images.npy, ids.json, labels.npy, summary.json
+      decoders/         <layer>.pt + <layer>.json card
+      paths/<name>/     pairs.csv, paths.csv, points/, table1.csv
+      geometry/         curvature.csv, subspace.npz, projections.csv
+      detect/           features/, scores.csv
       analysis/         *.csv, figures/*.png
       report.html, commands.txt
 """
@@ -101,6 +105,35 @@ class Run:
     # attacks ---------------------------------------------------------------
     def attack_dir(self, name: str) -> Path:
         return self.root / "attacks" / _check_name("attack", name)
+
+    # decoders, paths, geometry, detection ----------------------------------
+    @property
+    def decoders_dir(self) -> Path:
+        return self.root / "decoders"
+
+    def decoder_path(self, layer: str) -> Path:
+        """Weights of the decoder from ``layer``'s latent to the image (plain tensors)."""
+        return self.decoders_dir / f"{_safe(layer)}.pt"
+
+    def decoder_card(self, layer: str) -> Path:
+        """JSON card of a decoder: architecture, training, val MSE, PSNR, class kept."""
+        return self.decoders_dir / f"{_safe(layer)}.json"
+
+    @property
+    def paths_root(self) -> Path:
+        return self.root / "paths"
+
+    def paths_dir(self, name: str) -> Path:
+        """One ``somprobe connect`` experiment: pairs.csv, paths.csv, points/, table1.csv."""
+        return self.paths_root / _check_name("paths", name)
+
+    @property
+    def geometry_dir(self) -> Path:
+        return self.root / "geometry"
+
+    @property
+    def detect_dir(self) -> Path:
+        return self.root / "detect"
 
     # analysis --------------------------------------------------------------
     @property

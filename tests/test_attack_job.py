@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from somprobe import attacks as A
-from somprobe.attack_job import attack_run
+from somprobe.attacks.job import attack_run
 from somprobe.data import balanced_indices, load_dataset
 from somprobe.errors import AttackError, StoreError
 from somprobe.extract import extract

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from somprobe.errors import SOMError
-from ..models import resolve_device
+from ..device import resolve_device
 from ..run import atomic_output, atomic_write_json
 from somprobe.som import train as _train
 from somprobe.som.grid import TOPOLOGIES, Grid

@@ -24,10 +24,10 @@ import time
 import numpy as np
 import torch
 
-from . import attacks as _attacks
-from .errors import AttackError, StoreError
-from .models import resolve_device
-from .run import Run, atomic_output, atomic_write_json, save_csv, save_npy
+from . import core as _attacks
+from ..device import resolve_device
+from ..errors import AttackError, StoreError
+from ..run import Run, atomic_output, atomic_write_json, save_csv, save_npy
 
 __all__ = ["attack_run", "ATTACKS", "default_name", "source_ids", "ATTACKS_TABLE_COLUMNS"]
 
@@ -45,7 +45,7 @@ def default_name(attack: str) -> str:
 
 def _source_store(run: Run, split: str):
     """The complete clean code store ``split`` of ``run`` (its ids, layers and parameters)."""
-    from .store import open_store
+    from ..store import open_store
 
     return open_store(run.codes_dir(split))
 
@@ -350,7 +350,7 @@ def attack_run(
 
 def _extract(run, model, out_dir, ids, labels, *, name, layers, source, dataset_name, batch_size,
              device, overwrite, progress, meta):
-    from .extract import extract_images
+    from ..extract import extract_images
 
     # Same layers and code definition as the clean split, so the two stores pair up column for
     # column as well as row for row.

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import AttackError
+from ..errors import AttackError
 
 __all__ = [
     "pgd", "fgsm", "uniform_noise", "predict_labels", "default_step_size", "check_pgd_params",

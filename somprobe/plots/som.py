@@ -1,257 +1,46 @@
-"""Seaborn figures from the tidy analysis tables of a run (study 003's figures).
-
-Every function takes DataFrames with the schemas pinned in ``docs/interfaces.md`` ("Tidy
-tables") and returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes one PNG
-atomically and :func:`plot_run` makes every figure whose tables exist. Plots never compute
-statistics beyond what seaborn does for display (box plots); summaries come from the analysis.
-
-Figures are built on bare :class:`~matplotlib.figure.Figure` objects (the Agg canvas), never
-through pyplot, so no window can open and no global figure registry fills up in long runs.
-"""
+"""Study 003's functional-code figures: SOM curves, density, class BMUs, D_class, weight and
+centre similarity, correct vs incorrect (Figs 3–7, Supp 1–3)."""
 from __future__ import annotations
 
 import os
 import re
-import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .errors import AnalysisError
-from .run import Run, atomic_output
-
-__all__ = [
-    "DPI", "natural_key", "natural_sorted", "save_figure", "plot_curves", "plot_density",
-    "plot_class_bmus", "plot_dclass", "plot_weight_distances", "load_weight_distances",
-    "weight_distance_sizes",
-    "plot_weight_similarity", "plot_centre_similarity", "plot_correct_incorrect", "plot_shifts",
-    "plot_attacks", "plot_run",
-]
-
-DPI = 180
-_PALETTE = "colorblind"
-_DENSITY_CMAP = "viridis"
-_COUNT_CMAP = "mako_r"      # light at zero: empty units stay pale
-_DISTANCE_CMAP = "rocket_r"
-_SPLIT_LABELS = {"som-tr": "SOM-tr", "som-val": "SOM-val"}
-_GRID_UNIT = "torus distance, grid units"
-
-
-# ordering -------------------------------------------------------------------------------------
-def natural_key(value) -> list:
-    """Sort key that orders embedded numbers by value: ``CL2`` before ``CL10``, ``10x10`` before
-    ``20x20``. Even positions are text, odd positions integers, so any two keys compare."""
-    parts = re.split(r"(\d+)", str(value))
-    return [int(p) if i % 2 else p.lower() for i, p in enumerate(parts)]
-
-
-def natural_sorted(values: Iterable) -> list:
-    """Unique ``values`` (NaN dropped) in natural order (see :func:`natural_key`)."""
-    uniq = pd.unique(pd.Series(list(values)).dropna())
-    return sorted(uniq, key=natural_key)
+from ..errors import AnalysisError
+from ..run import Run
+from .common import (
+    read_table,
+    sizes_of,
+    _box,
+    _COUNT_CMAP,
+    _DENSITY_CMAP,
+    _DISTANCE_CMAP,
+    _GRID_UNIT,
+    _PALETTE,
+    _check,
+    _empty_panel,
+    _finite,
+    _grid_matrix,
+    _grid_shape,
+    _grid_ticks,
+    _heat,
+    _new_figure,
+    _range,
+    _resolution,
+    _select_size,
+    _split_label,
+    _split_order,
+    _style,
+    natural_key,
+    natural_sorted,
+)
 
 
-def _split_order(values: Iterable) -> list:
-    # SOM-tr is the reference (centres come from it) so it always comes first, SOM-val next.
-    vals = natural_sorted(values)
-    first = [s for s in ("som-tr", "som-val") if s in vals]
-    return first + [s for s in vals if s not in first]
-
-
-def _perturbation_order(values: Iterable) -> list:
-    vals = natural_sorted(values)
-    adv = [v for v in vals if str(v).lower().startswith("adv")]
-    noise = [v for v in vals if "noise" in str(v).lower() and v not in adv]
-    return adv + noise + [v for v in vals if v not in adv and v not in noise]
-
-
-def _split_label(split) -> str:
-    return _SPLIT_LABELS.get(str(split), str(split))
-
-
-# style and saving -----------------------------------------------------------------------------
-def _rc() -> dict:
-    rc = dict(sns.axes_style("ticks"))
-    rc.update(sns.plotting_context("paper", font_scale=1.25))
-    rc.update({
-        "savefig.dpi": DPI, "figure.dpi": 100, "axes.spines.top": False,
-        "axes.spines.right": False, "axes.titleweight": "bold", "legend.frameon": False,
-        "image.cmap": _DENSITY_CMAP,
-    })
-    return rc
-
-
-@contextmanager
-def _style():
-    # rc_context instead of sns.set_theme: the caller's global matplotlib state stays untouched.
-    with mpl.rc_context(_rc()):
-        yield
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(max(width, 3.0), max(height, 2.5)), layout="constrained")
-
-
-def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (temporary file + rename) and close it.
-
-    Parameters
-    ----------
-    fig : matplotlib.figure.Figure
-        The figure; it is cleared afterwards, even when writing fails.
-    path : path-like
-        Target ``.png``; parent folders are created.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    path = Path(path)
-    try:
-        with atomic_output(path) as tmp, _style():
-            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    finally:
-        _close(fig)
-    return path
-
-
-def _close(fig: Figure) -> None:
-    if "matplotlib.pyplot" in sys.modules and getattr(fig.canvas, "manager", None) is not None:
-        sys.modules["matplotlib.pyplot"].close(fig)
-    else:
-        fig.clear()
-
-
-# validation -----------------------------------------------------------------------------------
-def _check(df: pd.DataFrame, table: str, columns: Sequence[str]) -> pd.DataFrame:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"table {table!r} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise AnalysisError(
-            f"table {table!r} lacks column(s) {missing} (has {list(df.columns)}); it was written "
-            "by another version of somprobe: re-run `somprobe analyze` to rewrite it"
-        )
-    return df
-
-
-def _select_size(df: pd.DataFrame, table: str, size: str | None) -> tuple[pd.DataFrame, str]:
-    sizes = natural_sorted(df["size"].astype(str))
-    if not sizes:
-        raise AnalysisError(f"table {table!r} has no rows: run `somprobe analyze` to fill it")
-    if size is None:
-        if len(sizes) > 1:
-            raise AnalysisError(
-                f"table {table!r} holds SOM sizes {sizes}: pass size= one of them"
-            )
-        size = sizes[0]
-    size = str(size)
-    out = df[df["size"].astype(str) == size]
-    if out.empty:
-        raise AnalysisError(
-            f"table {table!r} has no rows for SOM size {size!r}; sizes present: {sizes}"
-        )
-    return out, size
-
-
-def _finite(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    # inf would stretch the axis to nothing useful; seaborn drops NaN itself, so map inf to NaN.
-    vals = pd.to_numeric(df[column], errors="coerce").replace([np.inf, -np.inf], np.nan)
-    return df.assign(**{column: vals})
-
-
-def _grid_shape(size: str, df: pd.DataFrame | None = None) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    if df is not None and {"row", "col"} <= set(df.columns) and len(df):
-        return int(df["row"].max()) + 1, int(df["col"].max()) + 1
-    raise AnalysisError(f"SOM size {size!r} is not of the form '<m>x<n>' (e.g. '20x20')")
-
-
-def _empty_panel(ax, text="no data") -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _resolution(df: pd.DataFrame) -> int:
-    """Evaluation points per grid unit of a density table (``row``/``col`` at multiples of 1/r,
-    see ``analysis.density.density_points``); 1 for unit centres."""
-    pos = np.unique(np.concatenate([pd.to_numeric(df["row"], errors="coerce").to_numpy(float),
-                                    pd.to_numeric(df["col"], errors="coerce").to_numpy(float)]))
-    pos = pos[np.isfinite(pos)]
-    step = np.diff(pos)
-    step = step[step > 1e-9]
-    return max(1, int(round(1.0 / step.min()))) if step.size and step.min() < 1 else 1
-
-
-def _grid_matrix(df: pd.DataFrame, value: str, m: int, n: int, fill=np.nan,
-                 resolution: int = 1) -> np.ndarray:
-    """Place ``value`` at (row, col) on an (m·r)×(n·r) array, r = ``resolution``; positions
-    absent from ``df`` get ``fill``."""
-    k = int(resolution)
-    mat = np.full((m * k, n * k), fill, dtype=float)
-    if len(df):
-        rf = pd.to_numeric(df["row"], errors="coerce").to_numpy(float) * k
-        cf = pd.to_numeric(df["col"], errors="coerce").to_numpy(float) * k
-        r = np.rint(np.nan_to_num(rf, nan=-1.0)).astype(np.int64)
-        c = np.rint(np.nan_to_num(cf, nan=-1.0)).astype(np.int64)
-        ok = ((r >= 0) & (r < m * k) & (c >= 0) & (c < n * k)
-              & (np.abs(rf - r) < 1e-6) & (np.abs(cf - c) < 1e-6))
-        if not ok.all():
-            bad = np.flatnonzero(~ok)[0]
-            raise AnalysisError(
-                f"row/col ({df['row'].iloc[bad]}, {df['col'].iloc[bad]}) is not a point of the "
-                f"{m}x{n} grid (at {k} point(s) per unit): the table and the SOM size disagree; "
-                "re-run `somprobe analyze`"
-            )
-        v = pd.to_numeric(df[value], errors="coerce").to_numpy(dtype=float)
-        keep = np.isfinite(v)
-        # Several rows on one unit (not expected in a tidy table) are summed, not dropped.
-        total = np.zeros(mat.shape)
-        np.add.at(total, (r[keep], c[keep]), v[keep])
-        seen = np.zeros(mat.shape, dtype=bool)
-        seen[r[keep], c[keep]] = True
-        mat[seen] = total[seen]
-    return mat
-
-
-def _grid_ticks(ax, m: int, n: int) -> None:
-    step_r = max(1, int(np.ceil(m / 4)))
-    step_c = max(1, int(np.ceil(n / 4)))
-    ax.set_yticks(np.arange(0, m, step_r))
-    ax.set_xticks(np.arange(0, n, step_c))
-    ax.tick_params(length=2, labelsize="small")
-
-
-def _heat(ax, mat, *, cmap, vmin, vmax, resolution: int = 1):
-    # origin="upper": row 0 at the top, as the grid is indexed row-major like a matrix. The extent
-    # keeps the axes in grid units whatever the number of evaluation points per unit.
-    h = 0.5 / resolution
-    rows, cols = mat.shape
-    return ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                     origin="upper", aspect="equal",
-                     extent=(-h, cols / resolution - h, rows / resolution - h, -h))
-
-
-def _range(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(v.min()), float(v.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-# figures ---------------------------------------------------------------------------------------
 def plot_curves(curves: pd.DataFrame, *, x: str = "samples") -> Figure:
     """SOM training loss per layer (study 003, Fig 3): one panel per SOM size, hue = layer.
 
@@ -433,17 +222,6 @@ def plot_class_bmus(class_bmus: pd.DataFrame, *, size: str | None = None,
     return fig
 
 
-def _box(ax, df, *, x, y, hue, order, hue_order, kind="box"):
-    palette = dict(zip(hue_order, sns.color_palette(_PALETTE, len(hue_order))))
-    if df[y].notna().any():
-        if kind == "violin":
-            sns.violinplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hue_order,
-                           palette=palette, ax=ax, cut=0, inner="quartile", linewidth=0.8)
-        else:
-            sns.boxplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hue_order,
-                        palette=palette, ax=ax, fliersize=1.5, linewidth=0.9)
-    else:
-        _empty_panel(ax)
 
 
 def plot_dclass(dclass: pd.DataFrame, *, size: str | None = None) -> Figure:
@@ -732,163 +510,23 @@ def plot_correct_incorrect(table: pd.DataFrame, *, size: str | None = None,
     return fig
 
 
-def plot_shifts(shifts: pd.DataFrame, *, size: str | None = None, kind: str = "box") -> Figure:
-    """Distribution of BMU shift distances per layer, adversarial vs noise (Fig 11–12).
 
-    Parameters
-    ----------
-    shifts : DataFrame
-        Table ``shifts`` (layer, size, perturbation, sample_id, rank, distance).
-    size : str, optional
-        SOM size; needed when the table holds several.
-    kind : {"box", "violin"}
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    if kind not in ("box", "violin"):
-        raise ValueError(f"kind={kind!r}: choose 'box' or 'violin'")
-    df = _check(shifts, "shifts", ["layer", "size", "perturbation", "distance"])
-    df, size = _select_size(df, "shifts", size)
-    df = _finite(df, "distance").assign(layer=lambda d: d["layer"].astype(str),
-                                        perturbation=lambda d: d["perturbation"].astype(str))
-    layers = natural_sorted(df["layer"])
-    perts = _perturbation_order(df["perturbation"])
-    with _style():
-        fig = _new_figure(0.9 * len(layers) * max(1, len(perts)) ** 0.5 + 2.8, 3.8)
-        ax = fig.subplots()
-        _box(ax, df, x="layer", y="distance", hue="perturbation", order=layers,
-             hue_order=perts, kind=kind)
-        ax.set_xlabel("layer")
-        ax.set_ylabel(f"BMU shift ({_GRID_UNIT})")
-        ax.set_title(f"Clean → perturbed BMU shifts, SOM {size}")
-        if ax.get_legend() is not None:
-            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="perturbation")
-    return fig
-
-
-def _attack_label(row) -> str:
-    parts = [str(row["attack"])]
-    if "norm" in row and pd.notna(row["norm"]) and str(row["norm"]):
-        parts.append(str(row["norm"]))
-    if "eps" in row and pd.notna(row["eps"]):
-        eps = float(row["eps"])
-        # eps of k/255 is how the paper and users speak about pixel budgets.
-        k = eps * 255
-        parts.append(f"ε={k:.3g}/255" if abs(k - round(k)) < 1e-6 else f"ε={eps:.3g}")
-    if "steps" in row and pd.notna(row["steps"]):
-        try:
-            if int(row["steps"]) > 1:
-                parts.append(f"{int(row['steps'])} steps")
-        except (TypeError, ValueError):
-            pass
-    return "\n".join(parts)
-
-
-def plot_attacks(attacks: pd.DataFrame) -> Figure:
-    """Clean vs perturbed accuracy per attack (bars, one pair per row of table ``attacks``).
-
-    Parameters
-    ----------
-    attacks : DataFrame
-        Table ``attacks`` (attack, norm, eps, steps, n, clean_acc, perturbed_acc, success_rate).
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    df = _check(attacks, "attacks", ["attack", "clean_acc", "perturbed_acc"])
-    if df.empty:
-        raise AnalysisError("table 'attacks' is empty: run `somprobe attack`")
-    df = df.reset_index(drop=True)
-    labels = [_attack_label(r) for _, r in df.iterrows()]
-    # The same attack at the same settings twice would merge into one bar: keep them apart.
-    seen: dict[str, int] = {}
-    for i, lab in enumerate(labels):
-        seen[lab] = seen.get(lab, 0) + 1
-        if seen[lab] > 1:
-            labels[i] = f"{lab} (#{seen[lab]})"
-    long = pd.DataFrame({
-        "attack": labels * 2,
-        "accuracy": np.concatenate([pd.to_numeric(df["clean_acc"], errors="coerce"),
-                                    pd.to_numeric(df["perturbed_acc"], errors="coerce")]),
-        "inputs": ["clean"] * len(df) + ["perturbed"] * len(df),
-    })
-    with _style():
-        fig = _new_figure(1.3 * len(df) + 2.8, 3.8)
-        ax = fig.subplots()
-        sns.barplot(data=long, x="attack", y="accuracy", hue="inputs", order=labels,
-                    hue_order=["clean", "perturbed"], palette=_PALETTE, errorbar=None, ax=ax)
-        for cont in ax.containers:
-            ax.bar_label(cont, fmt="%.2f", fontsize="small", padding=1)
-        ax.set_ylim(0, 1.08)
-        ax.set_xlabel("attack")
-        ax.set_ylabel("accuracy (fraction correct)")
-        ax.set_title("Accuracy on clean and perturbed inputs")
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
-    return fig
-
-
-# whole run -------------------------------------------------------------------------------------
-def _read(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise AnalysisError(f"cannot read table {path}: {e}; re-run the command that wrote it") from e
-    return None if df.empty else df
-
-
-def _sizes_of(df: pd.DataFrame) -> list[str]:
-    return natural_sorted(df["size"].astype(str)) if "size" in df.columns else []
-
-
-def plot_run(run: Run | str | os.PathLike, *, sizes: Sequence[str] | None = None,
-             classes: Sequence[int] | None = None, shift_kind: str = "box",
-             progress: bool = False) -> list[Path]:
-    """Make every figure whose tables exist in ``run`` and write them to ``run.figures_dir``.
-
-    Figures whose tables are absent or empty are skipped; a table with a wrong schema raises
-    :class:`~somprobe.errors.AnalysisError`.
-
-    Parameters
-    ----------
-    run : Run or path
-        The run directory.
-    sizes : sequence of str, optional
-        SOM sizes (``"20x20"``) to plot per-size figures for; default all in the tables.
-    classes : sequence of int, optional
-        Classes for the class-BMU figure (default: the first five).
-    shift_kind : {"box", "violin"}
-        Style of the shift distributions.
-    progress : bool
-        Show a tqdm bar over figures.
-
-    Returns
-    -------
-    list of pathlib.Path
-        The PNGs written, in the order made.
-    """
-    run = run if isinstance(run, Run) else Run(run)
-    want = None if sizes is None else {str(s) for s in sizes}
-
+def figure_jobs(run: Run, *, want: set[str] | None = None,
+                classes: Sequence[int] | None = None, **_) -> list[tuple[str, callable]]:
+    """(figure name, maker) for every study-003 figure whose table exists in ``run``."""
     def pick(df):
-        return [s for s in _sizes_of(df) if want is None or s in want]
+        return [s for s in sizes_of(df) if want is None or s in want]
 
     jobs: list[tuple[str, callable]] = []
-    curves = _read(run.curves_csv)
+    curves = read_table(run.curves_csv)
     if curves is not None:
         if want is not None and "size" in curves.columns:
             curves = curves[curves["size"].astype(str).isin(want)]
         if not curves.empty:
             jobs.append(("curves", lambda d=curves: plot_curves(d)))
-    tables = {name: _read(run.table(name)) for name in (
+    tables = {name: read_table(run.table(name)) for name in (
         "density", "class_bmus", "dclass", "dclass_samples", "correct_incorrect",
-        "weight_similarity", "centre_similarity", "shifts", "attacks")}
+        "weight_similarity", "centre_similarity")}
     per_size = [
         ("density", "density", lambda d, s: plot_density(d, size=s)),
         ("class_bmus", "class-bmus", lambda d, s: plot_class_bmus(d, size=s, classes=classes)),
@@ -917,19 +555,4 @@ def plot_run(run: Run | str | os.PathLike, *, sizes: Sequence[str] | None = None
     if ci is not None:
         for s in pick(ci):
             jobs.append((f"correct-incorrect-{s}", lambda d=ci, s=s: plot_correct_incorrect(d, size=s)))
-    if tables["shifts"] is not None:
-        for s in pick(tables["shifts"]):
-            jobs.append((f"shifts-{s}", lambda d=tables["shifts"], s=s:
-                         plot_shifts(d, size=s, kind=shift_kind)))
-    if tables["attacks"] is not None:
-        jobs.append(("attacks", lambda d=tables["attacks"]: plot_attacks(d)))
-
-    it = jobs
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(jobs, desc="figures", unit="fig")
-    written = []
-    for name, make in it:
-        written.append(save_figure(make(), run.figure(name)))
-    return written
+    return jobs
