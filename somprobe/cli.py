@@ -376,6 +376,9 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
     from .report import write_report
 
     run = Run(out)
+    if not run.root.is_dir():
+        raise click.ClickException(f"no run directory {run.root}: check --out (a run made by "
+                                   "`somprobe train`/`extract`/`demo`); nothing was created")
     _log_command(run)
     if not no_figures:
         from .som.job import parse_sizes

@@ -669,12 +669,26 @@ def _load_tensors(path: Path, *, split, image_size):
         raise DataError(f"labels of {path} must be a 1-D array of non-negative integers, got "
                         f"{labels.dtype} {labels.shape}")
     images = np.asarray(images)
+    if images.ndim < 1 or len(images) != len(labels):
+        # fewer labels would silently drop images, more would fail mid-job with an IndexError
+        raise DataError(f"{path} holds {len(images) if images.ndim else 0} images but "
+                        f"{len(labels)} labels; give exactly one label per image")
+    if ids is not None and len(ids) != len(labels):
+        raise DataError(f"{path} holds {len(labels)} images but {len(ids)} ids; give one id per "
+                        "image or leave the ids out")
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating):
             raise DataError(f"images in {path} are {images.dtype}; use uint8 (0-255) or floats in [0, 1]")
         images = images.astype(np.float32, copy=False)
+        finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            first = f"index {int(bad[0])}" + (f" (id {str(ids[bad[0]])!r})" if ids is not None else "")
+            raise DataError(f"images in {path} hold non-finite values (NaN or Inf) in "
+                            f"{len(bad)} sample(s), the first at {first}; replace or drop those "
+                            "samples")
         lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
-        if not np.isfinite([lo, hi]).all() or lo < 0.0 or hi > 1.0:
+        if lo < 0.0 or hi > 1.0:
             raise DataError(f"float images in {path} span [{lo}, {hi}]; scale them to [0, 1]")
     if classes is None:
         classes = [str(i) for i in range(int(labels.max(initial=-1)) + 1)]

@@ -1,0 +1,106 @@
+"""Faults and bad input (issue 8): each case failed before its fix.
+
+Bad tensor datasets, a report on a missing run directory, the SOM importable without the network
+stack, image folders with dangling symlinks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from somprobe.cli import main
+from somprobe.data import load_dataset
+from somprobe.errors import DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# -- tensor datasets -------------------------------------------------------------------------
+def _images(n, dtype=np.uint8):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, 8, 8)).astype(np.uint8)
+    return x if dtype == np.uint8 else (x / 255.0).astype(dtype)
+
+
+def _save(kind, tmp_path, images, labels):
+    if kind == "npz":
+        p = tmp_path / "x.npz"
+        np.savez(p, images=images, labels=labels)
+    elif kind == "pt":
+        p = tmp_path / "x.pt"
+        torch.save({"images": torch.as_tensor(images), "labels": torch.as_tensor(labels)}, p)
+    else:
+        p = tmp_path / "x.npy"
+        np.save(p, images)
+        np.save(tmp_path / "x_labels.npy", labels)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["npz", "pt", "npy"])
+@pytest.mark.parametrize("n_labels", [15, 25])
+def test_tensor_label_count_must_match_image_count(tmp_path, kind, n_labels):
+    p = _save(kind, tmp_path, _images(20), np.arange(n_labels) % 3)
+    with pytest.raises(DataError, match=rf"20 images but {n_labels} labels"):
+        load_dataset(p, split="all")
+
+
+@pytest.mark.parametrize("kind", ["npz", "pt", "npy"])
+def test_tensor_nan_names_first_sample(tmp_path, kind):
+    x = _images(20, np.float32)
+    x[7, 3, 2] = np.nan
+    x[12, 0, 0] = np.inf
+    p = _save(kind, tmp_path, x, np.arange(20) % 3)
+    with pytest.raises(DataError) as e:
+        load_dataset(p, split="all")
+    msg = str(e.value)
+    assert "non-finite" in msg and "index 7" in msg and "2 sample(s)" in msg
+    assert "[0, 1]" not in msg  # not the out-of-range advice
+
+
+def test_tensor_matching_counts_still_load(tmp_path):
+    ds = load_dataset(_save("npz", tmp_path, _images(20), np.arange(20) % 3), split="all")
+    assert len(ds) == 20 and ds.images([0, 19]).shape == (2, 3, 8, 8)
+
+
+def test_cli_tensor_label_mismatch_exits_cleanly(tmp_path):
+    p = _save("npz", tmp_path, _images(20), np.arange(25) % 3)
+    res = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "run"), "--model", "test_resnet",
+                                    "--data", str(p), "--split", "all", "--per-class", "0",
+                                    "--image-size", "16", "--quiet", "--device", "cpu"])
+    assert res.exit_code == 1 and "20 images but 25 labels" in res.output
+    assert "Traceback" not in res.output
+
+
+# -- report ----------------------------------------------------------------------------------
+def test_report_on_missing_directory_creates_nothing(tmp_path):
+    out = tmp_path / "no" / "such" / "run"
+    res = CliRunner().invoke(main, ["report", "--out", str(out), "--quiet"])
+    assert res.exit_code == 1 and "no run directory" in res.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_write_report_on_missing_directory_raises(tmp_path):
+    from somprobe.errors import AnalysisError
+    from somprobe.report import write_report
+
+    with pytest.raises(AnalysisError, match="no run directory"):
+        write_report(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+# -- the SOM knows no network ------------------------------------------------------------------
+def test_som_imports_without_timm_or_torchvision():
+    code = ("import sys, somprobe.som; from somprobe.som import SOM, Grid; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
+    loaded = set(json.loads(out.strip().replace("'", '"')))
+    assert "torch" in loaded  # the check itself works
+    assert not loaded & {"timm", "torchvision", "torchattacks", "advertorch"}
