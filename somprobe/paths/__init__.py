@@ -1,0 +1,17 @@
+"""Paths between inputs of one class, in pixel space or in any latent (studies 000, 001).
+
+Pure tensor modules, batched over pairs and path points, no I/O:
+:mod:`.spaces` (where a path lives), :mod:`.core` (the :class:`PathBatch` result, dense checks,
+linear profiles), :mod:`.pairs` (which inputs to join), :mod:`.linear`, :mod:`.neb`; the run-level
+job and the method registry in :mod:`.job` (``somprobe connect``).
+"""
+from __future__ import annotations
+
+from .core import PathBatch, check_paths, evaluate, linear_profile, path_profile
+from .linear import find_linear
+from .spaces import Space, make_space
+
+__all__ = [
+    "Space", "make_space", "PathBatch", "check_paths", "evaluate", "linear_profile",
+    "path_profile", "find_linear",
+]
