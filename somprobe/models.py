@@ -519,18 +519,133 @@ class _ViTTail(nn.Module):
         return net.forward_head(net.norm(h))
 
 
-def split_model(model: NormalizedModel, layer: str) -> tuple[nn.Module, nn.Module]:
+class _Stop(Exception):
+    """Carries a module's output out of the forward pass (ends the head early)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+class _HookHead(nn.Module):
+    """Pixels → the output of ``model.net.<module>``; the forward stops right after that module."""
+
+    def __init__(self, model: NormalizedModel, module: str):
+        super().__init__()
+        self.model = model
+        self.module = module
+
+    def forward(self, x):
+        def hook(_m, _i, out):
+            raise _Stop(out[0] if isinstance(out, (tuple, list)) else out)
+
+        handle = self.model.net.get_submodule(self.module).register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _Stop as stop:
+            return stop.value
+        finally:
+            handle.remove()
+        raise ModelError(f"module {self.module!r} never ran in the forward pass: it cannot be split at")
+
+
+class _HookTail(nn.Module):
+    """Latent → logits by re-running the net with ``<module>``'s output replaced by ``z``.
+
+    The part before the module runs on ONE placeholder image (batch 1) whatever the batch of
+    ``z``, so its cost is a fixed batch-1 head pass per call (see ``split_model``). The
+    placeholder is NaN, so if anything after the module read the placeholder's activations
+    instead of ``z`` (a module inside a residual branch) the logits would be NaN; ``split_model``
+    checks this once when it splits.
+    """
+
+    def __init__(self, model: NormalizedModel, module: str, image_size: int, fill: float = float("nan")):
+        super().__init__()
+        self.model = model
+        self.module = module
+        self.image_size = int(image_size)
+        self.fill = fill
+
+    def forward(self, z):
+        def hook(_m, _i, out):
+            return (z, *out[1:]) if isinstance(out, tuple) else z
+
+        handle = self.model.net.get_submodule(self.module).register_forward_hook(hook)
+        try:
+            x = torch.full((1, 3, self.image_size, self.image_size), self.fill, device=z.device, dtype=z.dtype)
+            return self.model.net(x)
+        finally:
+            handle.remove()
+
+
+def _conv_stage_module(net: nn.Module, k: int) -> str:
+    info = list(getattr(net, "feature_info", []))
+    return info[len(info) - _n_conv_stages(net) + k - 1]["module"]
+
+
+def _supported(model: NormalizedModel) -> str:
+    probes = probe_names(model)
+    named = f"{probes[0]}–{probes[-1]}" if len(probes) > 1 else (probes[0] if probes else "no named probes")
+    return (f"this model splits at {named} and at module:<name> where that module's output alone "
+            "determines the logits (a whole stage or block, e.g. module:layer2 or module:blocks.3, "
+            "not a layer inside a residual branch)")
+
+
+def _check_split(model: NormalizedModel, head: nn.Module, tail: nn.Module, layer: str) -> None:
+    p = next(model.parameters(), None)
+    g = torch.Generator().manual_seed(0)
+    size = int(model.image_size or 224)
+    x = torch.rand(2, 3, size, size, generator=g).to(p.device if p is not None else "cpu")
+    with torch.no_grad():
+        want = model(x)
+        try:
+            got = tail(head(x))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ModelError(f"cannot split {model.name or type(model.net).__name__} at {layer!r} "
+                             f"({str(e)[:200]}); {_supported(model)}") from e
+    scale = float(want.abs().max()) + 1e-6
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale):
+        raise ModelError(f"cannot split {model.name or type(model.net).__name__} at {layer!r}: the logits "
+                         "depend on more than that layer's output (it is not a cut of the network); "
+                         f"{_supported(model)}")
+
+
+def split_model(model: NormalizedModel, layer: str, *, check: bool = True) -> tuple[nn.Module, nn.Module]:
     """Split a model at a layer into ``head`` (pixels → latent) and ``tail`` (latent → logits).
 
-    ``tail(head(x))`` equals ``model(x)``. Supported: ``CL1``–``CL4`` of timm ResNet-style nets
-    (``conv1``/``bn1``/``act1``/``maxpool``/``layer1..4``; latent = the stage's feature map) and
-    ``CLS<k>`` of timm ViTs (latent = the full token sequence after block k, shape [B, T, D],
-    since the tail needs every token, not just the CLS one).
+    ``tail(head(x))`` equals ``model(x)`` and gradients flow through ``tail`` to its input.
+
+    * ``CL<k>`` of timm ResNets (``conv1``…``layer4``) and ``CLS<k>`` of timm ViT/DeiT models
+      (latent = the full token sequence after block k, [B, T, D], since the tail needs every
+      token): clean splits, each part runs only its own layers.
+    * ``CL<k>`` of every other conv net timm lists in ``feature_info`` (ResNeXt/ByobNet, ConvNeXt,
+      RegNet, EfficientNet/MobileNet, DenseNet, VGG, ...) and ``module:<name>``: a generic
+      split by forward hooks on the probed module. The head runs the net and stops right after
+      the module. The tail re-runs the net on a single placeholder image with the module's
+      output replaced by ``z``: the part before the module is recomputed on every call, but at
+      batch 1 whatever the batch of ``z``, so its cost is one batch-1 head pass per call
+      (measured in ``benchmarks/decoders.py``, BENCHMARKS.md).
+
+    Parameters
+    ----------
+    model : NormalizedModel
+    layer : str
+        ``CL<k>``, ``CLS<k>`` or ``module:<name>`` (see :func:`parse_layers`).
+    check : bool
+        Run two random images of ``model.image_size`` px through ``tail(head(x))`` once and
+        compare with ``model(x)``; a layer whose output does not determine the logits (inside a
+        residual branch) raises :class:`ModelError`. On by default for hook splits.
+
+    Returns
+    -------
+    head, tail : nn.Module
+        In eval mode; they share ``model``'s parameters.
 
     Raises
     ------
     ModelError
-        Other architectures or ``module:`` layers.
+        An unknown layer, an architecture or module that cannot be split (the message names the
+        layers that can).
     """
     if not isinstance(model, NormalizedModel):
         raise ModelError("split_model needs a NormalizedModel: build it with somprobe.models.build_model")
@@ -540,14 +655,21 @@ def split_model(model: NormalizedModel, layer: str) -> tuple[nn.Module, nn.Modul
         k = int(layer[3:])
         if not all(hasattr(net, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "norm", "blocks")):
             raise ModelError(f"split_model supports {layer} only on timm VisionTransformer models, "
-                             f"not {type(net).__name__}")
+                             f"not {type(net).__name__}; {_supported(model)}")
         return _ViTHead(model, k).eval(), _ViTTail(model, k).eval()
     if layer.startswith("CL"):
         k = int(layer[2:])
         resnet_like = all(hasattr(net, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer4"))
         stage_modules = [f.get("module") for f in getattr(net, "feature_info", [])][-4:]
-        if not resnet_like or stage_modules != ["layer1", "layer2", "layer3", "layer4"]:
-            raise ModelError(f"split_model supports CL layers only on timm ResNet-style models "
-                             f"(layer1..layer4), not {type(net).__name__}; use a resnet model")
-        return _ResNetHead(model, k).eval(), _ResNetTail(model, k).eval()
-    raise ModelError(f"split_model cannot split at {layer!r}: use a CL<k> or CLS<k> layer")
+        if resnet_like and stage_modules == ["layer1", "layer2", "layer3", "layer4"]:
+            return _ResNetHead(model, k).eval(), _ResNetTail(model, k).eval()
+        module = _conv_stage_module(net, k)
+    elif layer.startswith("module:"):
+        module = layer[len("module:"):]
+    else:
+        raise ModelError(f"split_model cannot split at {layer!r}; {_supported(model)}")
+    head = _HookHead(model, module).eval()
+    tail = _HookTail(model, module, image_size=model.image_size or 224).eval()
+    if check:
+        _check_split(model, head, tail, layer)
+    return head, tail

@@ -229,8 +229,8 @@ def test_split_vit_and_unsupported(vit):
         torch.testing.assert_close(tail(h), vit(x))
         torch.testing.assert_close(h[:, 0], ProbedModel(vit, "CLS3")(x)[1]["CLS3"])
     conv = build_model("test_convnext", num_classes=3, image_size=32)
-    with pytest.raises(ModelError, match="ResNet-style"):
-        split_model(conv, "CL2")
+    with pytest.raises(ModelError, match="not a cut"):
+        split_model(conv, "module:stages.1.blocks.0.conv_dw")
 
 
 def test_real_mnist_probes():
