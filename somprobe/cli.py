@@ -34,6 +34,10 @@ def _log_command(run: Run) -> None:
     The line is rebuilt from the parsed options (every option that differs from its default), so
     it is the same whether the command came from a shell, a script or ``CliRunner``.
     """
+    from .distributed import context
+
+    if not context().is_main:
+        return  # under torchrun only rank 0 writes the run's shared metadata
     ctx = click.get_current_context()
     words = ["somprobe", ctx.info_name]
     for param in ctx.command.params:
@@ -64,6 +68,41 @@ def _friendly(fn):
                 "interrupted; nothing half-written was kept. Re-run the same command (train, "
                 "extract and fit continue where they stopped with --resume)"
             )
+
+    return wrapper
+
+
+def _ranked(fn):
+    """Let a heavy command run under ``torchrun --nproc-per-node N -m somprobe …`` (issue 12).
+
+    Outside torchrun (no ``WORLD_SIZE`` > 1) the command runs as it is. Under torchrun the
+    process group starts with the backend fitting ``--device`` (NCCL for CUDA, gloo for the
+    CPU); every rank checks that all ranks use the same device kind and see the same ``--out``
+    directory; ranks other than 0 run quiet with their standard output discarded, so one
+    process prints progress and results and writes the run's shared metadata (commands.txt …).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import contextlib
+        import os
+
+        from . import distributed as dist
+
+        if not dist.env_world().distributed or dist.is_distributed():
+            return fn(*args, **kwargs)  # one process, or nested in a command that set it up
+        ctx = dist.init(kwargs.get("device") or "auto")
+        try:
+            dist.check_devices(kwargs.get("device") or "auto")
+            if kwargs.get("out") is not None:
+                dist.check_shared_dir(kwargs["out"])
+            if ctx.is_main:
+                return fn(*args, **kwargs)
+            kwargs["quiet"] = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return fn(*args, **kwargs)
+        finally:
+            dist.finalize()
 
     return wrapper
 
@@ -200,10 +239,11 @@ def _default_store_name(split: str) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @QUIET
 @_friendly
+@_ranked
 def extract(out, model, checkpoint, pretrained, data, data_root, split, name, per_class, layers,
             stats, com, image_size, batch_size, strict, device, seed, resume, overwrite, quiet):
     """Extract vector codes of hidden layers into RUN/codes/<name>/."""
-    from .data import balanced_indices, load_dataset, som_splits
+    from .data import balanced_indices, load_dataset, som_draw_seed, som_splits
     from .extract import extract as extract_codes
 
     run = Run(out)
@@ -219,15 +259,17 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
             raise click.UsageError("--split both draws --per-class samples per class; give a positive number")
         draws = som_splits(data, per_class=per_class, seed=seed, root=data_root, image_size=size,
                            strict=strict)
+        seeds = {k: som_draw_seed(k, seed) for k in draws}
     else:
         ds = load_dataset(data, split=split, root=data_root, image_size=size, strict=strict)
         idx = (balanced_indices(ds.labels, per_class, seed=seed, class_names=ds.classes)
                if per_class > 0 else None)
         draws = {name or _default_store_name(split): (ds, idx)}
+        seeds = {k: seed for k in draws}
     for store_name, (ds, idx) in draws.items():
         store = extract_codes(net, ds, idx, layers=layers, out=run, split=store_name,
                               stats=_csv(stats), com=com, image_size=size, batch_size=batch_size,
-                              device=device, seed=seed, per_class=per_class or None,
+                              device=device, seed=seeds[store_name], per_class=per_class or None,
                               resume=resume, overwrite=overwrite, progress=not quiet,
                               meta={"skipped_files": int(getattr(ds, "skipped", 0))})
         dims = ", ".join(f"{k}:{v}" for k, v in store.dims.items())
@@ -262,6 +304,7 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
 @click.option("--resume", is_flag=True, help="Keep finished maps and continue interrupted ones.")
 @QUIET
 @_friendly
+@_ranked
 @click.pass_context
 def fit(ctx, out, size, layers, train_split, topology, metric, sigma, alpha, decay, epochs,
         batch_size, mode, init, k, splits, model, data, seed, device, resume, quiet):
@@ -419,6 +462,7 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace an attack of the same name.")
 @QUIET
 @_friendly
+@_ranked
 def attack(out, attack, source_split, name, eps, steps, step_size, norm, targeted, symmetric,
            backend, label_source, model, checkpoint, data_root, batch_size, no_extract, seed, device,
            overwrite, quiet):

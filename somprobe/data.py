@@ -56,7 +56,7 @@ from .errors import DataError
 
 __all__ = [
     "ImageDataset", "ArrayDataset", "FileDataset", "DATASETS", "load_dataset", "balanced_indices",
-    "som_splits", "stratified_partition", "read_idx", "FASHION_MNIST_ROOT", "PARTITION_SEED",
+    "som_splits", "som_draw_seed", "stratified_partition", "read_idx", "FASHION_MNIST_ROOT", "PARTITION_SEED",
     "HOLDOUT_FRACTION", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
@@ -370,6 +370,13 @@ def balanced_indices(labels, per_class: int, *, seed: int, exclude=None, classes
     return chosen[np.lexsort((chosen, labels[chosen]))].astype(np.int64)
 
 
+def som_draw_seed(store: str, seed: int) -> int:
+    """Seed of the balanced draw of ``store`` in :func:`som_splits`: ``seed`` for som-tr,
+    ``seed + 1`` for som-val, so the two draws use different random streams. Code stores record
+    this seed, so either store can be redone or resumed alone with ``--split`` and ``--seed``."""
+    return int(seed) + (1 if store == "som-val" else 0)
+
+
 def som_splits(dataset_name: str, *, per_class: int = 50, seed: int = 0, root=None,
                image_size: int | None = None, allow_download: bool = False, strict: bool = False,
                train_split: str = "train", val_split: str = "val") -> dict:
@@ -384,7 +391,8 @@ def som_splits(dataset_name: str, *, per_class: int = 50, seed: int = 0, root=No
         ``{"som-tr": (dataset, indices), "som-val": (dataset, indices)}``.
     """
     out = {}
-    for key, split, s in (("som-tr", train_split, seed), ("som-val", val_split, seed + 1)):
+    for key, split in (("som-tr", train_split), ("som-val", val_split)):
+        s = som_draw_seed(key, seed)
         ds = load_dataset(dataset_name, split=split, root=root, image_size=image_size,
                           allow_download=allow_download, strict=strict)
         out[key] = (ds, balanced_indices(ds.labels, per_class, seed=s, class_names=ds.classes))

@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from .codes import STATS, layer_code, normalize_stats, _check_com
-from .errors import StoreError
+from . import distributed as dist
+from .errors import DistributedError, SomprobeError, StoreError
 from .device import resolve_device
 from .models import NormalizedModel, ProbedModel, check_input_size, parse_layers
-from .run import Run
-from .store import CodeStore, StoreWriter
+from .run import Run, _json_default
+from .store import (_VOLATILE, CodeStore, StoreWriter, _ids_digest, done_intervals, progress_files,
+                    read_progress)
 
 __all__ = ["extract", "extract_images", "TensorImages"]
 
@@ -75,6 +77,31 @@ def _rows_completed(path) -> int:
         return 0  # StoreWriter reports the corrupt manifest properly
 
 
+def _finished_store(path, params: Mapping, layers: Sequence[str], ids: Sequence[str]) -> CodeStore | None:
+    """The complete store at ``path`` when it holds exactly this extraction, else None.
+
+    Lets ``resume`` pass over a store that is already finished (``--split both`` killed while
+    writing the second store) instead of refusing it; a complete store made with other
+    parameters is refused like an incomplete one would be.
+    """
+    mpath = os.path.join(path, "manifest.json")
+    try:
+        with open(mpath) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None  # no store yet, or a corrupt manifest that StoreWriter reports
+    if not old.get("complete"):
+        return None
+    want = dict(params, layers=list(layers), n_rows=len(ids), ids_sha256=_ids_digest(ids))
+    want = json.loads(json.dumps(want, default=_json_default))
+    diffs = [k for k in sorted(want) if k not in _VOLATILE and old.get(k) != want[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: stored {old.get(k)!r} vs now {want[k]!r}" for k in diffs[:5])
+        raise StoreError(f"cannot resume {path}: it holds a complete code store made with other "
+                         f"parameters ({detail}); run with the same parameters or pass --overwrite")
+    return CodeStore(path)
+
+
 def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequence[str] = "all",
             out, stats: str | Sequence[str] = STATS, com: str = "flat", batch_size: int = 64,
             device: str | torch.device = "auto", split: str | None = None, seed: int | None = 0,
@@ -116,7 +143,8 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
     per_class : int, optional
         Recorded in the manifest (how ``indices`` were drawn).
     resume, overwrite : bool
-        Continue an incomplete store with the same parameters / replace an existing store.
+        Continue an incomplete store with the same parameters (a complete one made with them is
+        returned as it is) / replace an existing store.
     progress : bool
         tqdm bar over batches.
     meta : mapping, optional
@@ -172,11 +200,15 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
     }
     if meta:
         params.update(dict(meta))
+    if resume and not overwrite:
+        done = _finished_store(path, params, layer_list, ids)
+        if done is not None:
+            return done
 
-    def run_batch(start: int):
-        sl = idx[start:start + batch_size]
+    def run_batch(start: int, stop: int):
+        sl = idx[start:stop]
         x = dataset.images(sl, size).to(dev, dtype=torch.float32)
-        batch_ids = ids[start:start + len(sl)]
+        batch_ids = ids[start:stop]
         logits, acts = probe(x)
         codes = {}
         # probed layers before the logits, so the error names a layer where the problem shows first
@@ -186,39 +218,137 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
         _check_finite("logits", logits, batch_ids)
         return codes, logits.argmax(dim=1).cpu().numpy()
 
-    writer = None
+    if n == 0:
+        raise StoreError(f"no samples to extract into {path}: the index list is empty; "
+                         "check --per-class and the split")
     with torch.inference_mode():
-        # the store needs each layer's width before the first write, so the first batch runs first
-        first_start = min(_rows_completed(path), max(n - 1, 0)) if resume and not overwrite else 0
-        if n == 0:
-            raise StoreError(f"no samples to extract into {path}: the index list is empty; "
-                             "check --per-class and the split")
-        codes, preds = run_batch(first_start)
-        dims = {k: int(v.shape[1]) for k, v in codes.items()}
-        writer = StoreWriter(path, layers_dims=dims, n_rows=n, manifest=params, ids=ids,
-                             resume=resume, overwrite=overwrite)
-        starts = list(range(writer.rows_done, n, batch_size))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        return _fill_store(path, run_batch, n=n, batch_size=batch_size, ids=ids, labels=labels,
+                           params=params, resume=resume, overwrite=overwrite, progress=progress,
+                           desc=f"extract {split}")
 
-            bar = tqdm(total=n, initial=writer.rows_done, unit="img", desc=f"extract {split}")
-        try:
-            for start in starts:
-                if start != first_start:
-                    codes, preds = run_batch(start)
-                else:
-                    # the first batch was computed above (its size may differ on resume)
-                    codes = {k: v[: min(batch_size, n - start)] for k, v in codes.items()}
-                    preds = preds[: min(batch_size, n - start)]
-                b = len(preds)
-                writer.write(start, codes, labels[start:start + b], preds)
-                if bar is not None:
-                    bar.update(b)
-        finally:
+
+# ---------------------------------------------------------------------------------------------
+# Filling a store, in one process or sharded over the ranks of a torchrun job (issue 12)
+# ---------------------------------------------------------------------------------------------
+def _pieces(mine: range, batch_size: int, done) -> list[tuple[int, int]]:
+    """The global batches (rows ``k·batch_size …``) inside ``mine`` minus the ``done`` intervals,
+    as contiguous ``(start, stop)`` pieces in row order."""
+    if len(mine) == 0:
+        return []
+    todo = np.ones(len(mine), dtype=bool)
+    for a, b in done:
+        lo, hi = max(int(a), mine.start), min(int(b), mine.stop)
+        if hi > lo:
+            todo[lo - mine.start:hi - mine.start] = False
+    out = []
+    first = mine.start - mine.start % batch_size
+    for s in range(first, mine.stop, batch_size):
+        lo, hi = max(s, mine.start), min(s + batch_size, mine.stop)
+        edges = np.flatnonzero(np.diff(np.r_[False, todo[lo - mine.start:hi - mine.start], False]))
+        out += [(lo + int(a), lo + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return out
+
+
+def _unfinished_ranks(path, world_size: int) -> str:
+    try:
+        recs = read_progress(path)
+    except StoreError:
+        return "unknown (progress records unreadable)"
+    gone = []
+    for r in range(world_size):
+        rec = recs.get(r)
+        if rec is None:
+            gone.append(f"rank {r} (no progress record)")
+        elif rec.get("status") != "done":
+            why = f": {rec['error']}" if rec.get("error") else ""
+            gone.append(f"rank {r} ({rec.get('status')}, last progress {rec.get('updated')}{why})")
+    return ", ".join(gone) or "none"
+
+
+def _fill_store(path, run_batch, *, n, batch_size, ids, labels, params, resume, overwrite,
+                progress, desc) -> CodeStore:
+    """Run ``run_batch(start, stop) → (codes, preds)`` over this rank's rows and write them.
+
+    One process: rows in order, the manifest records progress after every batch (as before
+    issue 12). Several ranks: rank 0 creates (or checks) the store, each rank writes the global
+    batches of its :func:`~somprobe.distributed.batch_shard` not yet done and records them in
+    its progress file; rank 0 marks the store complete after every rank reported done.
+    """
+    ctx = dist.context()
+    cont = resume and not overwrite
+    mine = dist.batch_shard(n, batch_size, ctx.rank, ctx.world_size)
+    first = {}
+
+    def create():
+        # the store needs each layer's width before the first write, so a first batch runs first
+        todo = _pieces(mine, batch_size, done_intervals(path) if cont else [])
+        piece = todo[0] if todo else (0, 1)
+        first[piece] = run_batch(*piece)
+        dims = {k: int(v.shape[1]) for k, v in first[piece][0].items()}
+        return StoreWriter(path, layers_dims=dims, n_rows=n, manifest=params, ids=ids,
+                           resume=resume, overwrite=overwrite)
+
+    writer = dist.on_main(create, "creating the code store")
+    if ctx.distributed:
+        err = None
+        if not ctx.is_main:
+            try:
+                writer = StoreWriter.attach(path, manifest=params, ids=ids)
+            except SomprobeError as e:
+                err = str(e)
+        dist.agree(err, what="opening the code store")
+    sharded = ctx.distributed or bool(progress_files(path))
+    todo = _pieces(mine, batch_size, done_intervals(path) if cont else [])
+    mine_done = list(read_progress(path).get(ctx.rank, {}).get("done", [])) if sharded else []
+    info = {"world_size": ctx.world_size, "batch_size": batch_size, "shard": [mine.start, mine.stop]}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        left = sum(b - a for a, b in todo)
+        bar = tqdm(total=len(mine), initial=len(mine) - left, unit="img",
+                   desc=desc + (f" (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else ""))
+    try:
+        if sharded:
+            writer.record_progress(ctx.rank, mine_done, **info)
+        for piece in todo:
+            codes, preds = first.pop(piece) if piece in first else run_batch(*piece)
+            s, e = piece
+            if sharded:
+                writer.put_rows(s, codes, labels[s:e], preds)
+                mine_done.append([s, e])
+                writer.record_progress(ctx.rank, mine_done, **info)
+            else:
+                writer.write(s, codes, labels[s:e], preds)
             if bar is not None:
-                bar.close()
-    return writer.close()
+                bar.update(e - s)
+    except Exception as e:
+        if sharded:
+            try:
+                writer.record_progress(ctx.rank, mine_done, status="failed",
+                                       error=f"{type(e).__name__}: {e}"[:500], **info)
+            except OSError:
+                pass
+        if ctx.distributed:
+            try:  # the other ranks are waiting in the final check below: tell them
+                dist.agree(f"{type(e).__name__}: {e}", what="extraction")
+            except DistributedError:
+                pass
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not sharded:
+        return writer.close()
+    writer.record_progress(ctx.rank, mine_done, status="done", **info)
+    try:
+        dist.agree(None, what=f"extraction into {path}")
+    except DistributedError as e:
+        raise DistributedError(f"{e}. Unfinished: {_unfinished_ranks(path, ctx.world_size)}. The "
+                               f"store {path} stays incomplete: fix the cause and re-run the same "
+                               "command with --resume") from None
+    store = dist.on_main(writer.finish_sharded, "finishing the code store")
+    return store if store is not None else CodeStore(path)
 
 
 def extract_images(model: NormalizedModel, images, labels, ids: Sequence[str], *,

@@ -87,7 +87,7 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     from .analysis.job import analyze_run, shift_run
     from .attacks.job import attack_run
     from .classifier import load_trained, train_classifier
-    from .data import som_splits
+    from .data import som_draw_seed, som_splits
     from .extract import extract
     from .plots import plot_run
     from .report import write_report
@@ -111,7 +111,7 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     draws = som_splits(data, per_class=per_class, seed=seed, root=data_root,
                        image_size=int(meta["image_size"]))
     for split, (ds, idx) in draws.items():
-        extract(net, ds, idx, layers=layers, out=run, split=split, seed=seed,
+        extract(net, ds, idx, layers=layers, out=run, split=split, seed=som_draw_seed(split, seed),
                 per_class=per_class, device=device, overwrite=True, progress=progress,
                 meta={"checkpoint": str(run.checkpoint)})
 

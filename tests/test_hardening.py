@@ -104,3 +104,95 @@ def test_som_imports_without_timm_or_torchvision():
     loaded = set(json.loads(out.strip().replace("'", '"')))
     assert "torch" in loaded  # the check itself works
     assert not loaded & {"timm", "torchvision", "torchattacks", "advertorch"}
+
+
+# -- extract --split both: killed during som-val, resumed ------------------------------------------
+_EXTRACT = ["extract", "--model", "test_resnet", "--data", "digits", "--per-class", "6",
+            "--image-size", "16", "--batch-size", "16", "--layers", "CL1-CL4", "--quiet",
+            "--device", "cpu", "--seed", "3"]
+
+
+def _store_bytes(run_dir, store):
+    d = run_dir / "codes" / store
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"}
+
+
+def _kill_in(monkeypatch, store, after_rows):
+    """Make StoreWriter.write of ``store`` raise KeyboardInterrupt (a kill) after ``after_rows``."""
+    from somprobe.store import StoreWriter
+
+    real = StoreWriter.write
+
+    def write(self, start, *a, **k):
+        if self.path.name == store and start >= after_rows:
+            raise KeyboardInterrupt
+        return real(self, start, *a, **k)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+
+
+@pytest.fixture(scope="module")
+def cmd(tmp_path_factory):
+    """The extract command with weights from a file: --seed then seeds only the draw (without
+    weights it would seed the random init too)."""
+    from somprobe.models import build_model
+
+    p = tmp_path_factory.mktemp("ckpt") / "weights.pt"
+    torch.save(build_model("test_resnet", num_classes=10, seed=0).net.state_dict(), p)
+    return [*_EXTRACT, "--checkpoint", str(p)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cmd):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    res = CliRunner().invoke(main, [*cmd, "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_uninterrupted_stores_record_the_seed_of_their_draw(uninterrupted):
+    seeds = {s: json.loads((uninterrupted / "codes" / s / "manifest.json").read_text())["seed"]
+             for s in ("som-tr", "som-val")}
+    assert seeds == {"som-tr": 3, "som-val": 4}
+
+
+def test_split_both_killed_in_second_store_resumes_byte_identical(tmp_path, monkeypatch, uninterrupted, cmd):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    _kill_in(monkeypatch, "som-val", 32)
+    res = runner.invoke(main, [*cmd, "--out", str(out)])
+    assert res.exit_code == 1 and "interrupted" in res.output
+    m = json.loads((out / "codes" / "som-val" / "manifest.json").read_text())
+    assert not m["complete"] and m["rows_completed"] == 32
+    tr_before = (out / "codes" / "som-tr" / "manifest.json").read_text()
+    monkeypatch.undo()
+
+    res = runner.invoke(main, [*cmd, "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    for store in ("som-tr", "som-val"):
+        assert _store_bytes(out, store) == _store_bytes(uninterrupted, store)
+    # the finished store was passed over, not rewritten
+    assert (out / "codes" / "som-tr" / "manifest.json").read_text() == tr_before
+    assert json.loads((out / "codes" / "som-val" / "manifest.json").read_text())["complete"]
+
+
+def test_second_store_resumes_alone_with_its_recorded_seed(tmp_path, monkeypatch, uninterrupted, cmd):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    _kill_in(monkeypatch, "som-val", 16)
+    assert runner.invoke(main, [*cmd, "--out", str(out)]).exit_code == 1
+    monkeypatch.undo()
+    alone = [a if a != "3" else "4" for a in cmd] + ["--split", "val", "--name", "som-val"]
+    res = runner.invoke(main, [*alone, "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert _store_bytes(out, "som-val") == _store_bytes(uninterrupted, "som-val")
+
+
+def test_resume_refuses_a_complete_store_made_otherwise(tmp_path, uninterrupted, cmd):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    res = CliRunner().invoke(main, [*cmd, "--out", str(out), "--resume", "--stats", "max,mean"])
+    assert res.exit_code == 1 and "other parameters" in res.output and "stats" in res.output
+    assert "Traceback" not in res.output
