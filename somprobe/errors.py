@@ -4,6 +4,9 @@ from __future__ import annotations
 __all__ = [
     "SomprobeError", "DataError", "ModelError", "StoreError", "SOMError", "AnalysisError",
     "AttackError",
+    "PathError",
+    "DetectError", "NotFittedError",
+    "DistributedError",
 ]
 
 
@@ -33,3 +36,22 @@ class AnalysisError(SomprobeError):
 
 class AttackError(SomprobeError):
     """An attack's parameters or inputs are out of range."""
+
+
+# detect (issue 11) -----------------------------------------------------------
+class DetectError(SomprobeError):
+    """A detector or the detection benchmark lacks its inputs or gets inconsistent ones."""
+
+
+class NotFittedError(DetectError):
+    """A detector was asked to score or predict before ``fit``."""
+
+
+# distributed (issue 12) ------------------------------------------------------
+class DistributedError(SomprobeError):
+    """Ranks of a torchrun job disagree (devices, directory) or one of them failed or died."""
+
+
+# paths (issues 9, 10) --------------------------------------------------------
+class PathError(SomprobeError):
+    """A path method's parameters or inputs are out of range (negative budgets, delta <= 0 ...)."""
