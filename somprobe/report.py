@@ -31,6 +31,7 @@ __all__ = ["write_report", "render_report", "SECTIONS", "SMALL_TABLES", "FLOAT_F
 FLOAT_FORMAT = "{:.4g}"
 #: Tables rendered in full (at most ``_MAX_ROWS`` rows); others are linked with their row count.
 SMALL_TABLES = ("weight_similarity", "correct_incorrect", "shift_summary", "attacks")
+SMALL_TABLES += ("detect/summary",)  # somprobe detect (issue 11)
 _MAX_ROWS = 300
 _MAX_CELL = 300
 
@@ -46,9 +47,11 @@ SECTIONS = (
     ("correct", "Correct vs incorrect predictions", r"^correct-incorrect([-_].*)?$", "somprobe analyze"),
     ("attacks", "Attacks", r"^attacks?([-_].*)?$", "somprobe attack"),
     ("shifts", "BMU shifts under perturbation", r"^shifts?([-_].*)?$", "somprobe shift"),
+    ("detect", "Adversarial detection", r"^detect([-_].*)?$", "somprobe detect"),  # issue 11
 )
 #: Tables outside ``analysis/`` that the report shows (globs under the run root).
 TABLE_GLOBS: tuple[str, ...] = ()
+TABLE_GLOBS += ("detect/*.csv",)  # somprobe detect (issue 11)
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
 # Entries are table names or fnmatch patterns ("paths/*/table1").
 _SECTION_TABLES = {
@@ -60,6 +63,7 @@ _SECTION_TABLES = {
     "correct": ("correct_incorrect",),
     "attacks": ("attacks",),
     "shifts": ("shift_summary", "shifts"),
+    "detect": ("detect/summary", "detect/attacks", "detect/scores", "detect/roc"),  # issue 11
 }
 
 _CSS = """
