@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Context", "env_world", "init", "context", "shard_range", "shard_indices", "barrier",
-           "all_reduce_", "is_distributed", "finalize"]
+           "all_reduce_", "is_distributed", "finalize", "all_gather_object", "broadcast_object",
+           "agree", "on_main", "check_devices", "check_shared_dir", "batch_shard"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,189 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between ranks (issue 12): every rank raises the same error, naming the rank(s)
+# ---------------------------------------------------------------------------------------------
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process).
+
+    Raises
+    ------
+    DistributedError
+        A peer is gone (it died, or the collective timed out): the message says so and how to go on.
+    """
+    if not is_distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    try:
+        torch.distributed.all_gather_object(out, obj)
+    except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with transport details
+        raise _peer_lost(e) from e
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    try:
+        torch.distributed.broadcast_object_list(box, src=src)
+    except Exception as e:
+        raise _peer_lost(e) from e
+    return box[0]
+
+
+def _peer_lost(e: Exception):
+    from .errors import DistributedError
+
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return DistributedError(f"rank {context().rank}: another rank stopped answering ({detail}); "
+                            "see the other ranks' messages, fix the cause and re-run the same "
+                            "command (extract continues with --resume)")
+
+
+def agree(error: str | None = None, *, what: str = "") -> None:
+    """Collective check: raise on every rank if any rank reports an ``error``.
+
+    Every rank must call it at the same point. In one process it raises ``error`` if given.
+
+    Parameters
+    ----------
+    error : str, optional
+        This rank's problem (None = fine).
+    what : str
+        What was being checked, for the message.
+
+    Raises
+    ------
+    DistributedError
+        Naming each failing rank and its message.
+    """
+    from .errors import DistributedError
+
+    errors = all_gather_object(error)
+    bad = [(r, m) for r, m in enumerate(errors) if m]
+    if not bad:
+        return
+    if len(errors) == 1:
+        raise DistributedError(bad[0][1])
+    detail = "; ".join(f"rank {r}: {m}" for r, m in bad[:4]) + (" …" if len(bad) > 4 else "")
+    raise DistributedError(f"{what + ' failed on ' if what else ''}{len(bad)} of {len(errors)} "
+                           f"ranks — {detail}")
+
+
+def on_main(fn, what: str = ""):
+    """``fn()`` on rank 0 only, then a collective check: if it raised a somprobe error, every
+    rank raises (rank 0 its own error, the others a :class:`DistributedError` quoting it).
+
+    Every rank must call it at the same point; the others get ``None``. One process: ``fn()``.
+    """
+    from .errors import DistributedError, SomprobeError
+
+    ctx = context()
+    if not ctx.distributed:
+        return fn()
+    out, err = None, None
+    if ctx.is_main:
+        try:
+            out = fn()
+        except SomprobeError as e:
+            err = e
+    try:
+        agree(str(err) if err is not None else None, what=what)
+    except DistributedError:
+        if err is not None:
+            raise err from None
+        raise
+    return out
+
+
+def check_devices(device: str | torch.device = "auto") -> str:
+    """The device type (``cpu``/``cuda``) every rank resolves ``device`` to; all must agree.
+
+    Raises
+    ------
+    DistributedError
+        Ranks on different device types (e.g. one node without a GPU under ``--device auto``):
+        names them and says to pass ``--device cpu`` or ``--device cuda`` explicitly.
+    """
+    from .device import resolve_device
+    from .errors import DistributedError
+
+    kind = resolve_device(device).type
+    kinds = all_gather_object(kind)
+    if len(set(kinds)) > 1:
+        by = "; ".join(f"{k} on rank{'s' if kinds.count(k) > 1 else ''} "
+                       f"{', '.join(str(r) for r, v in enumerate(kinds) if v == k)}"
+                       for k in sorted(set(kinds)))
+        raise DistributedError(f"ranks compute on different devices ({by}); every rank must use "
+                               "the same kind: pass --device cuda (GPU on every node) or --device cpu")
+    return kind
+
+
+def check_shared_dir(path, *, name: str = ".somprobe-ranks") -> None:
+    """Check that every rank sees the same directory ``path`` (a shared filesystem).
+
+    Rank 0 writes a token with a fresh random value into ``path``; after a barrier every rank
+    reads it back. Ranks that do not see it write into a different directory (a node-local
+    disk), so their rows would never reach the store. One process: nothing to check.
+
+    Raises
+    ------
+    DistributedError
+        Naming the ranks (and hosts) that do not see rank 0's token.
+    """
+    import secrets
+    import socket
+    from pathlib import Path
+
+    from .errors import DistributedError
+    from .run import atomic_write_json
+
+    if not is_distributed():
+        return
+    ctx = context()
+    token = Path(path) / name
+    value = secrets.token_hex(8) if ctx.is_main else None
+    err = None
+    if ctx.is_main:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(token, {"token": value})
+        except OSError as e:
+            err = f"cannot write {token}: {e}"
+    value = broadcast_object((value, err))
+    if value[1]:
+        raise DistributedError(value[1])
+    try:
+        import json
+
+        seen = json.loads(token.read_text()).get("token")
+    except (OSError, ValueError):
+        seen = None
+    host = socket.gethostname()
+    reports = all_gather_object((seen == value[0], host))
+    barrier()
+    if ctx.is_main:
+        token.unlink(missing_ok=True)
+    blind = [(r, h) for r, (ok, h) in enumerate(reports) if not ok]
+    if blind:
+        who = ", ".join(f"rank {r} on {h}" for r, h in blind)
+        raise DistributedError(f"the run directory {path} is not shared between ranks: {who} "
+                               f"cannot see what rank 0 ({reports[0][1]}) wrote there; put --out on "
+                               "a filesystem every node mounts at the same path (NFS, Lustre …)")
+
+
+def batch_shard(n: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Rows of ``rank``'s shard when ``n`` rows are cut into global batches of ``batch_size``
+    and the batches are shared out contiguously (:func:`shard_range` over batches).
+
+    Shards are batch-aligned, so every batch holds the same samples as in one process and
+    batch-dependent results (PGD random starts, float reductions) stay bit-equal.
+    """
+    nb = -(-int(n) // int(batch_size)) if n > 0 else 0
+    b = shard_range(nb, rank, world_size)
+    return range(min(b.start * batch_size, n), min(b.stop * batch_size, n))

@@ -5,6 +5,7 @@ __all__ = [
     "SomprobeError", "DataError", "ModelError", "StoreError", "SOMError", "AnalysisError",
     "AttackError",
     "PathError",
+    "DecoderError",
     "DetectError", "NotFittedError",
     "DistributedError",
 ]
@@ -55,3 +56,7 @@ class DistributedError(SomprobeError):
 # paths (issues 9, 10) --------------------------------------------------------
 class PathError(SomprobeError):
     """A path method's parameters or inputs are out of range (negative budgets, delta <= 0 ...)."""
+
+
+class DecoderError(SomprobeError):
+    """A latent-to-image decoder is missing, corrupt, foreign or asked for the wrong latent."""

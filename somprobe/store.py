@@ -14,6 +14,14 @@ Rows are written batch by batch: each batch maps only its own rows of the ``.npy
 N. After every batch the manifest is replaced atomically with the new ``rows_completed``; a crash
 therefore leaves a store whose manifest says how far it got, and ``resume=True`` continues from
 there. Readers refuse a store whose manifest is not ``complete``.
+
+Under ``torchrun`` (several ranks, issue 12) rank 0 creates the files and the manifest, every
+rank maps and writes only the rows of its own shard (disjoint row ranges) and records what it has
+written in ``progress-rank<R>.json`` (``done``: row intervals, ``status``: running / done /
+failed) instead of the shared manifest. Rows done = ``[0, rows_completed)`` of the manifest ∪
+every progress file's intervals (:func:`done_intervals`), whatever the number of ranks that wrote
+them, so a resumed run may use another world size. Rank 0 marks the manifest complete only after
+every rank reported done and the intervals cover every row; then the progress files go.
 """
 from __future__ import annotations
 
@@ -29,13 +37,15 @@ import numpy as np
 from .errors import StoreError
 from .run import _json_default, _safe, atomic_write_json
 
-__all__ = ["CodeStore", "StoreWriter", "open_store", "layer_file", "package_versions", "FORMAT_VERSION"]
+__all__ = ["CodeStore", "StoreWriter", "open_store", "layer_file", "package_versions", "FORMAT_VERSION",
+           "done_intervals", "progress_files", "read_progress"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IDS = "ids.json"
 LABELS = "labels.npy"
 PREDS = "preds.npy"
+PROGRESS_GLOB = "progress-rank*.json"
 # Fields that legitimately change between the first attempt and a resumed one.
 _VOLATILE = {"rows_completed", "complete", "created", "updated", "versions", "elapsed_s"}
 _CHUNK_BYTES = 16 << 20
@@ -73,6 +83,55 @@ def _read_manifest(path: Path) -> dict:
         raise
     except (OSError, json.JSONDecodeError) as e:
         raise StoreError(f"corrupt manifest {mpath}: {e}; re-run `somprobe extract --overwrite`") from e
+
+
+def progress_file(path: str | os.PathLike, rank: int) -> Path:
+    """Rank ``rank``'s progress record in the store directory ``path``."""
+    return Path(path) / f"progress-rank{int(rank)}.json"
+
+
+def progress_files(path: str | os.PathLike) -> list[Path]:
+    """Every per-rank progress record of the store at ``path`` (sorted)."""
+    return sorted(Path(path).glob(PROGRESS_GLOB))
+
+
+def read_progress(path: str | os.PathLike) -> dict[int, dict]:
+    """rank → progress record (``done`` intervals, ``status``, ``error``, ``updated``)."""
+    out = {}
+    for p in progress_files(path):
+        try:
+            rec = json.loads(p.read_text())
+            out[int(rec["rank"])] = rec
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"corrupt progress record {p}: {e}; pass --overwrite to start again") from e
+    return out
+
+
+def merge_intervals(intervals) -> list[list[int]]:
+    """Sorted, merged ``[start, stop)`` intervals."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if int(b) > int(a)):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def done_intervals(path: str | os.PathLike) -> list[list[int]]:
+    """Rows already written to the (incomplete) store at ``path``, as merged intervals.
+
+    ``[0, rows_completed)`` of the manifest (one-process writing) ∪ every rank's progress record.
+    Empty when there is no store yet.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return []
+    rows = int(_read_manifest(path).get("rows_completed", 0))
+    got = [[0, rows]] if rows > 0 else []
+    for rec in read_progress(path).values():
+        got += rec.get("done", [])
+    return merge_intervals(got)
 
 
 def _header_offset(path: Path) -> int:
@@ -161,7 +220,8 @@ class StoreWriter:
 
     # -- setup ------------------------------------------------------------------------------
     def _store_files(self) -> list[Path]:
-        names = {MANIFEST, IDS, LABELS, PREDS, *(layer_file(l) for l in self.layers_dims)}
+        names = {MANIFEST, IDS, LABELS, PREDS, *(layer_file(l) for l in self.layers_dims),
+                 *(p.name for p in progress_files(self.path))}
         if (self.path / MANIFEST).is_file():
             try:
                 names.update(_read_manifest(self.path).get("files", {}).values())
@@ -264,6 +324,62 @@ class StoreWriter:
         self._put(PREDS, start, np.asarray(preds))
         self.rows_done = start + b
         self._write_manifest(complete=False)
+
+    # -- several ranks (issue 12) ---------------------------------------------------------
+    @classmethod
+    def attach(cls, path: str | os.PathLike, *, manifest: Mapping, ids: Sequence[str]) -> "StoreWriter":
+        """Open the incomplete store another rank created at ``path`` for writing rows.
+
+        Layers and widths come from the stored manifest; ``manifest`` (this rank's parameters)
+        and ``ids`` must equal the stored ones, so every rank is seen to extract the same thing.
+        """
+        path = Path(path)
+        try:
+            old = _read_manifest(path)
+        except FileNotFoundError:
+            raise StoreError(f"no code store at {path} after rank 0 created it: the directory is "
+                             "not shared between ranks; put --out on a shared filesystem") from None
+        dims = {layer: int(old["dims"][layer]) for layer in old.get("layers", [])}
+        params = {k: v for k, v in manifest.items()}
+        return cls(path, layers_dims=dims, n_rows=int(old.get("n_rows", 0)), manifest=params,
+                   ids=ids, resume=True)
+
+    def put_rows(self, start: int, codes: Mapping[str, np.ndarray], labels, preds) -> None:
+        """Write rows ``start … start+B-1`` in any order, without touching the manifest (each
+        rank records them with :meth:`record_progress`)."""
+        labels = np.asarray(labels)
+        b = len(labels)
+        if start < 0 or start + b > self.n_rows:
+            raise StoreError(f"writing rows {start}..{start + b - 1} outside 0..{self.n_rows - 1}")
+        if set(codes) != set(self.layers_dims):
+            raise StoreError(f"batch has layers {sorted(codes)}, store expects {list(self.layers_dims)}")
+        for layer, arr in codes.items():
+            if len(arr) != b:
+                raise StoreError(f"layer {layer}: {len(arr)} rows for a batch of {b}")
+            self._put(layer, start, arr)
+        self._put(LABELS, start, labels)
+        self._put(PREDS, start, np.asarray(preds))
+
+    def record_progress(self, rank: int, done, *, status: str = "running", error: str | None = None,
+                        **extra) -> None:
+        """Replace rank ``rank``'s progress record: rows ``done`` (intervals), ``status``."""
+        atomic_write_json(progress_file(self.path, rank), {
+            "rank": int(rank), "done": merge_intervals(done), "status": status, "error": error,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra})
+
+    def finish_sharded(self) -> "CodeStore":
+        """Rank 0, after every rank reported done: check every row is written, mark the store
+        complete, drop the progress records."""
+        done = done_intervals(self.path)
+        if done != [[0, self.n_rows]]:
+            missing = self.n_rows - sum(b - a for a, b in done)
+            raise StoreError(f"{self.path}: {missing} of {self.n_rows} rows were not written by any "
+                             "rank; the store stays incomplete (re-run with --resume)")
+        self.rows_done = self.n_rows
+        store = self.close()
+        for p in progress_files(self.path):
+            p.unlink(missing_ok=True)
+        return store
 
     def close(self) -> "CodeStore":
         """Mark the store complete (all rows written) and return it opened for reading."""

@@ -19,14 +19,16 @@ Files written (each atomically; ``summary.json`` last, so its presence means the
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import numpy as np
 import torch
 
 from . import core as _attacks
+from .. import distributed as dist
 from ..device import resolve_device
-from ..errors import AttackError, StoreError
+from ..errors import AttackError, DistributedError, StoreError
 from ..run import Run, atomic_output, atomic_write_json, save_csv, save_npy
 
 __all__ = ["attack_run", "ATTACKS", "default_name", "source_ids", "ATTACKS_TABLE_COLUMNS"]
@@ -81,6 +83,64 @@ def _local_default_rng(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def _shared_output(path, shape):
+    """A float32 ``.npy`` of ``shape`` to fill row by row; it replaces ``path`` only when complete.
+
+    One process: a temporary sibling (:func:`~somprobe.run.atomic_output`). Under torchrun
+    rank 0 creates ``.<name>.partial`` next to ``path``, every rank maps it and writes its own
+    rows, and rank 0 renames it once every rank reported success (a failing rank's error reaches
+    all of them; nothing incomplete is ever named ``path``).
+    """
+    ranks = dist.context()
+    if not ranks.distributed:
+        with atomic_output(path) as tmp:
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            yield images
+            images.flush()
+            del images
+        return
+    tmp = path.with_name(f".{path.name}.partial")
+
+    def create():
+        del_me = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        del del_me
+
+    dist.on_main(create, "creating the image file")
+    images, err = None, None
+    try:
+        images = np.load(tmp, mmap_mode="r+")
+    except OSError as e:
+        err = f"cannot open {tmp} that rank 0 created ({e}): --out must be on a shared filesystem"
+    dist.agree(err, what="opening the shared image file")
+    try:
+        yield images
+    except Exception as e:
+        try:  # the other ranks wait in the check below: tell them
+            dist.agree(f"{type(e).__name__}: {e}", what="the attack")
+        except DistributedError:
+            pass
+        raise
+    images.flush()
+    del images
+    dist.agree(None, what="the attack")
+    dist.on_main(lambda: os.replace(tmp, path), "saving the images")
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """Seed of the random draws (PGD start, noise) of global batch ``batch``.
+
+    Keyed by the batch's position, not by the order batches run in, so ranks of a torchrun job
+    that attack disjoint batches draw what one process draws. The first batch uses ``seed``
+    itself: a job of one batch draws exactly what ``torch.manual_seed(seed)`` and then
+    advertorch (or :func:`~somprobe.attacks.pgd`) draw.
+    """
+    if batch == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed) % 2**63, int(batch)]).generate_state(1, np.uint64)
+    return int(state[0] % np.uint64(2**63))
 
 
 def _rate(mask: np.ndarray) -> float | None:
@@ -236,12 +296,16 @@ def attack_run(
         # A uniformly drawn class other than the label (or prediction, filled in per batch).
         offsets = rng.integers(1, num_classes, size=n)
 
-    noise_gen = torch.Generator(device="cpu").manual_seed(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # summary.json marks a finished attack: drop the old one first so a crash mid-way cannot
-    # leave new images under an old summary.
-    for stale in ("summary.json", "targets.npy"):
-        (out_dir / stale).unlink(missing_ok=True)
+    ranks = dist.context()
+
+    def clear_old():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # summary.json marks a finished attack: drop the old one first so a crash mid-way cannot
+        # leave new images under an old summary.
+        for stale in ("summary.json", "targets.npy"):
+            (out_dir / stale).unlink(missing_ok=True)
+
+    dist.on_main(clear_old, "clearing the old attack")
     used = np.empty(n, dtype=np.int64)
     clean_pred = np.empty(n, dtype=np.int64)
     pert_pred = np.empty(n, dtype=np.int64)
@@ -249,45 +313,60 @@ def attack_run(
         targets = np.empty(n, dtype=np.int64)
     linf = np.empty(n, dtype=np.float64)
     l2 = np.empty(n, dtype=np.float64)
-    starts = range(0, n, batch_size)
+    # Under torchrun each rank attacks its own run of whole global batches (batch-aligned, so
+    # each batch and its seed are what one process would use) into a shared memory-mapped file.
+    mine = dist.batch_shard(n, batch_size, ranks.rank, ranks.world_size)
+    starts = range(mine.start, mine.stop, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"attack {name}", unit="batch")
-    with atomic_output(out_dir / "images.npy") as tmp_images:
-        images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.float32, shape=shape)
-        with _local_default_rng(seed, dev):
-            for s in starts:
-                sl = slice(s, min(s + batch_size, n))
-                x = dataset.images(idx[sl], size).to(dev)
-                cp = _attacks.predict_labels(model, x)
-                y_lab = cp if use_preds else torch.as_tensor(true[sl], device=dev)
-                y = y_lab
-                if targeted:
-                    y = (y_lab + torch.as_tensor(offsets[sl], device=dev)) % num_classes
-                    targets[sl] = y.cpu().numpy()
-                if attack == "pgd":
+    with _shared_output(out_dir / "images.npy", shape) as images:
+        for s in starts:
+            sl = slice(s, min(s + batch_size, n))
+            x = dataset.images(idx[sl], size).to(dev)
+            cp = _attacks.predict_labels(model, x)
+            y_lab = cp if use_preds else torch.as_tensor(true[sl], device=dev)
+            y = y_lab
+            if targeted:
+                y = (y_lab + torch.as_tensor(offsets[sl], device=dev)) % num_classes
+                targets[sl] = y.cpu().numpy()
+            bseed = _batch_seed(seed, s // batch_size)
+            if attack == "pgd":
+                with _local_default_rng(bseed, dev):
                     xp = _attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=step_size,
                                       norm=norm, targeted=targeted, backend=backend)
-                elif attack == "fgsm":
-                    xp = _attacks.fgsm(model, x, y, eps=eps, targeted=targeted)
-                else:
-                    xp = _attacks.uniform_noise(x, eps=eps, symmetric=symmetric, generator=noise_gen)
-                pp = _attacks.predict_labels(model, xp)
-                d = (xp - x).flatten(1).double()
-                linf[sl] = d.abs().amax(1).cpu().numpy()
-                l2[sl] = d.norm(dim=1).cpu().numpy()
-                used[sl] = y_lab.cpu().numpy()
-                clean_pred[sl] = cp.cpu().numpy()
-                pert_pred[sl] = pp.cpu().numpy()
-                images[sl] = xp.detach().to("cpu", torch.float32).numpy()
-        images.flush()
-        del images
+            elif attack == "fgsm":
+                xp = _attacks.fgsm(model, x, y, eps=eps, targeted=targeted)
+            else:
+                xp = _attacks.uniform_noise(x, eps=eps, symmetric=symmetric, seed=bseed)
+            pp = _attacks.predict_labels(model, xp)
+            d = (xp - x).flatten(1).double()
+            linf[sl] = d.abs().amax(1).cpu().numpy()
+            l2[sl] = d.norm(dim=1).cpu().numpy()
+            used[sl] = y_lab.cpu().numpy()
+            clean_pred[sl] = cp.cpu().numpy()
+            pert_pred[sl] = pp.cpu().numpy()
+            images[sl] = xp.detach().to("cpu", torch.float32).numpy()
 
-    for fname, arr in (("labels.npy", used), ("clean_preds.npy", clean_pred), ("preds.npy", pert_pred)) \
-            + ((("targets.npy", targets),) if targeted else ()):
-        save_npy(out_dir / fname, arr)
-    atomic_write_json(out_dir / "ids.json", ids)
+    if ranks.distributed:
+        # every rank gets every rank's rows of the small per-sample arrays
+        rows = (mine.start, mine.stop)
+        parts = dist.all_gather_object((rows, used[slice(*rows)], clean_pred[slice(*rows)],
+                                        pert_pred[slice(*rows)], linf[slice(*rows)], l2[slice(*rows)],
+                                        None if targets is None else targets[slice(*rows)]))
+        for (a, b), u, c, p, li, l2_, t in parts:
+            used[a:b], clean_pred[a:b], pert_pred[a:b], linf[a:b], l2[a:b] = u, c, p, li, l2_
+            if targets is not None:
+                targets[a:b] = t
+
+    def save_arrays():
+        for fname, arr in (("labels.npy", used), ("clean_preds.npy", clean_pred), ("preds.npy", pert_pred)) \
+                + ((("targets.npy", targets),) if targeted else ()):
+            save_npy(out_dir / fname, arr)
+        atomic_write_json(out_dir / "ids.json", ids)
+
+    dist.on_main(save_arrays, "saving the attack")
 
     # Accuracy is against the dataset labels; with predicted labels there is no accuracy, and
     # success means the prediction changed.
@@ -343,8 +422,12 @@ def attack_run(
                                      progress=progress, meta={"attack": {k: summary[k] for k in (
                                          "name", "attack", "norm", "eps", "steps", "seed")}})
     summary["seconds"] = time.perf_counter() - t0
-    _append_table(run, summary)
-    atomic_write_json(out_dir / "summary.json", summary)
+
+    def finish():
+        _append_table(run, summary)
+        atomic_write_json(out_dir / "summary.json", summary)
+
+    dist.on_main(finish, "writing the attack summary")
     return summary
 
 
