@@ -63,6 +63,11 @@ def _friendly(fn):
         except (SomprobeError, ValueError, FileNotFoundError, FileExistsError) as e:
             # Library errors already name the problem and the fix; a traceback adds nothing.
             raise click.ClickException(str(e)) from e
+        except OSError as e:
+            # a path that is a file, not writable, a full disk: the user's to fix, not a bug
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}: check the path, its permissions "
+                                       "and the free disk space") from e
         except KeyboardInterrupt:
             raise click.ClickException(
                 "interrupted; nothing half-written was kept. Re-run the same command (train, "

@@ -285,22 +285,50 @@ def check_input_size(model: nn.Module, image_size: int) -> None:
         model.eval()
         with torch.no_grad():
             model(x)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:
+        # timm asserts a fixed input size in some families (AssertionError), convolutions run out
+        # of pixels (RuntimeError): either way the size is the user's to change
         name = getattr(model, "name", type(model).__name__)
-        raise ModelError(f"{name} cannot take {image_size}×{image_size} px inputs ({str(e)[:200]}); "
-                         "pass a larger --image-size (32 or more for most timm conv nets)") from e
+        cfg = getattr(_net(model), "pretrained_cfg", None) or {}
+        native = (cfg.get("input_size") or (None,))[-1]
+        fix = "pass a larger --image-size (32 or more for most timm conv nets)"
+        if native and int(native) != int(image_size):
+            # fixed-size families (BEiT, LeViT, Mixer ...) take only the size they were made for
+            fix = (f"pass another --image-size: {int(native)}, the size {name} was made for, always "
+                   "works; many nets take others too (conv nets 32 px or more, ViTs multiples of "
+                   "the patch size)")
+        raise ModelError(f"{name} cannot take {image_size}×{image_size} px inputs "
+                         f"({str(e)[:200] or type(e).__name__}); {fix}") from e
     finally:
         model.train(was_training)
 
 
 def _is_vit_like(name: str) -> bool:
+    """Whether ``name``'s timm model class takes ``dynamic_img_size`` (ViT, DeiT, EVA, Swin ...).
+
+    Those classes otherwise assert the exact input size they were built for (Swin at 64 px), so
+    build_model turns the option on for them; read from the class signature, not a name list,
+    so new timm families are covered.
+    """
+    import importlib
+    import inspect
+
     import timm.models
     from timm.models._registry import _model_to_module
 
-    # ViT-style models take dynamic_img_size; conv nets reject it with a TypeError, which
-    # build_model also handles, so a wrong guess here only costs a second model creation.
-    mod = _model_to_module.get(timm.models.get_arch_name(name), "")
-    return any(t in mod for t in ("vision_transformer", "deit", "beit", "eva"))
+    mod_name = _model_to_module.get(timm.models.get_arch_name(name), "")
+    try:
+        mod = importlib.import_module(f"timm.models.{mod_name}")
+    except ImportError:
+        return False
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == mod.__name__:
+            try:
+                if "dynamic_img_size" in inspect.signature(obj.__init__).parameters:
+                    return True
+            except (TypeError, ValueError):
+                continue
+    return False
 
 
 # --------------------------------------------------------------------------- probes

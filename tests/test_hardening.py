@@ -196,3 +196,58 @@ def test_resume_refuses_a_complete_store_made_otherwise(tmp_path, uninterrupted,
     res = CliRunner().invoke(main, [*cmd, "--out", str(out), "--resume", "--stats", "max,mean"])
     assert res.exit_code == 1 and "other parameters" in res.output and "stats" in res.output
     assert "Traceback" not in res.output
+
+
+# -- input sizes a model cannot take ------------------------------------------------------------
+def test_swin_takes_a_small_input_through_dynamic_img_size():
+    from somprobe.models import ProbedModel, build_model, check_input_size
+
+    m = build_model("swin_tiny_patch4_window7_224", num_classes=10, image_size=64)
+    check_input_size(m, 64)  # timm asserted 224 px before
+    logits, acts = ProbedModel(m, "CL1-CL4")(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 10)
+    assert [a.shape[-1] for a in acts.values()] == [16, 8, 4, 2]  # stride 4, 8, 16, 32
+
+
+@pytest.mark.parametrize("name,size,words", [
+    ("convit_tiny", 64, ("64×64", "--image-size", "224")),   # timm asserts the size
+    ("levit_128s", 64, ("64×64", "--image-size", "224")),    # fixed attention biases
+    ("test_convnext", 8, ("8×8", "--image-size")),            # stride-32 stages run dry
+])
+def test_a_size_the_model_cannot_take_is_a_model_error(name, size, words):
+    from somprobe.errors import ModelError
+    from somprobe.models import build_model, check_input_size
+
+    m = build_model(name, num_classes=10, image_size=size)
+    with pytest.raises(ModelError) as e:
+        check_input_size(m, size)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_cli_prints_no_traceback_for_broken_inputs(tmp_path):
+    """A battery of user errors: each exits 1 with one line naming the problem, no traceback."""
+    runner = CliRunner()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    bad_npz = _save("npz", tmp_path, _images(10, np.float32) * np.nan, np.arange(10) % 2)
+    run = str(tmp_path / "run")
+    ex = ["extract", "--quiet", "--device", "cpu", "--per-class", "1"]
+    cases = [
+        ([*ex, "--out", str(a_file / "run"), "--model", "test_resnet", "--data", "digits",
+          "--image-size", "16"], "Not a directory"),
+        ([*ex, "--out", run, "--model", "convit_tiny", "--data", "digits", "--image-size", "64"],
+         "cannot take 64×64"),
+        ([*ex, "--out", run, "--model", "test_resnet", "--data", str(bad_npz), "--image-size", "16"],
+         "non-finite"),
+        ([*ex, "--out", run, "--model", "test_resnet", "--data", str(tmp_path / "nope"),
+          "--image-size", "16"], "unknown dataset"),
+        ([*ex, "--out", run, "--model", "test_resnet", "--data", "digits", "--layers", "CLS1",
+          "--image-size", "16"], "unknown layer"),
+        (["fit", "--out", str(tmp_path / "empty"), "--quiet"], "somprobe extract"),
+        (["shift", "--out", str(tmp_path / "empty"), "--quiet"], "somprobe fit"),
+    ]
+    for args, words in cases:
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1, (args, res.output, res.exception)
+        assert "Traceback" not in res.output and words in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
