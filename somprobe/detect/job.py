@@ -228,7 +228,8 @@ def detect_run(run, *, attacks=ATTACKS, detectors=DETECTORS, seeds=(0, 1, 2), n:
     Returns
     -------
     dict
-        ``scores``, ``summary``, ``attacks``, ``roc`` DataFrames and ``seconds``.
+        ``scores``, ``summary``, ``attacks``, ``roc`` DataFrames, ``feature_seconds`` (time to
+        compute each set of characteristics that was not cached) and ``seconds``.
 
     Raises
     ------
@@ -324,6 +325,7 @@ def detect_run(run, *, attacks=ATTACKS, detectors=DETECTORS, seeds=(0, 1, 2), n:
                               batch_size=batch_size, options=detector_options[name])
 
     feature_dir = run.detect_dir / "features"
+    feature_seconds: list[dict] = []
 
     def features(det_name, kind, x, row_ids):
         key = _fingerprint({**base_key, "detector": det_name, "options": detector_options[det_name],
@@ -333,7 +335,10 @@ def detect_run(run, *, attacks=ATTACKS, detectors=DETECTORS, seeds=(0, 1, 2), n:
             cached = _load_features(path, row_ids, key)
             if cached is not None:
                 return cached
+        t = time.perf_counter()
         f = detector(det_name).features(x) if len(row_ids) else np.zeros((0, 0))
+        feature_seconds.append({"detector": det_name, "set": kind, "n": len(row_ids),
+                                "seconds": time.perf_counter() - t})
         _save_features(path, f, row_ids, key)
         return f
 
@@ -412,4 +417,5 @@ def detect_run(run, *, attacks=ATTACKS, detectors=DETECTORS, seeds=(0, 1, 2), n:
     save_csv(run.detect_dir / "summary.csv", summary)
     save_csv(run.detect_dir / "scores.csv", scores)
     return {"scores": scores, "summary": summary, "attacks": attacks_table, "roc": roc,
+            "feature_seconds": pd.DataFrame(feature_seconds, columns=["detector", "set", "n", "seconds"]),
             "seconds": time.perf_counter() - t0}
