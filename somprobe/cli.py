@@ -137,7 +137,7 @@ def main():
 @click.option("--data", default="mnist5k", show_default=True,
               help="Dataset name (mnist5k, digits, fashion-mnist, cifar10, cifar100, svhn, imagenet) "
                    "or a path (image folder, .npz/.pt/.npy tensors).")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of a named dataset.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Folder of a named dataset (default: data/NAME; see data/README.md).")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the dataset (needs network).")
 @click.option("--image-size", type=int, help="Input side in pixels (default: 32 for ≤32 px data).")
 @click.option("--epochs", type=int, help="Training epochs (default: see README).")
@@ -223,7 +223,7 @@ def _default_store_name(split: str) -> str:
 @click.option("--pretrained", is_flag=True, help="timm hub weights (needs network; offline use --checkpoint).")
 @click.option("--data", help="Dataset name or path (see `train`); default: the dataset RUN's model was "
                              "trained on, else mnist5k.")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of a named dataset.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Folder of a named dataset (default: data/NAME; see data/README.md).")
 @click.option("--split", default="both", show_default=True,
               help="train, val (=test), all, or `both`: the paper's SOM-tr (train) and SOM-val (val) draws.")
 @click.option("--name", help="Store name under RUN/codes/ (default: som-tr for train, som-val for val).")
@@ -276,9 +276,15 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
                               stats=_csv(stats), com=com, image_size=size, batch_size=batch_size,
                               device=device, seed=seeds[store_name], per_class=per_class or None,
                               resume=resume, overwrite=overwrite, progress=not quiet,
-                              meta={"skipped_files": int(getattr(ds, "skipped", 0))})
+                              meta={"skipped": int(getattr(ds, "skipped", 0)),
+                                    "skipped_files": list(getattr(ds, "skipped_files", []))})
         dims = ", ".join(f"{k}:{v}" for k, v in store.dims.items())
         click.echo(f"{store_name}: {store.n_rows} samples, {dims} → {run.codes_dir(store_name)}")
+        if getattr(ds, "skipped", 0):
+            names = ds.skipped_files
+            click.echo(f"  {ds.skipped} unreadable file(s) skipped ({', '.join(names[:3])}"
+                       f"{', …' if len(names) > 3 else ''}); all names in "
+                       f"{run.codes_dir(store_name) / 'manifest.json'} under skipped_files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +503,63 @@ def attack(out, attack, source_split, name, eps, steps, step_size, norm, targete
                            if summary.get(k) is not None}, indent=2))
     click.echo(f"perturbed images in {run.attack_dir(summary['name'])}"
                + (f"; codes in {run.codes_dir(summary['name'])}" if not no_extract else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder (issue 9)
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@OUT
+@click.option("--layer", "layers", default="all", show_default=True,
+              help="Layers, comma separated: CL1-CL4, CLS<k>, module:<name>; all = every named probe.")
+@click.option("--model", help="timm model name (default: the model trained in RUN).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on).")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Folder of a named dataset (default: data/NAME; see data/README.md).")
+@click.option("--image-size", type=int, help="Input side (default: the trained model's, else by the data).")
+@click.option("--epochs", type=int, help="Default: 10 for spatial latents, 5 for flat ones (study 001).")
+@click.option("--batch-size", type=int, help="Default: 32 for spatial latents, 128 for flat ones.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--max-train", type=int, help="Train on a seeded subset of this many images.")
+@click.option("--max-val", type=int, default=1000, show_default=True, help="Val images scored.")
+@click.option("--width", type=int, default=64, show_default=True, help="Decoder channels at the latent's resolution.")
+@click.option("--blocks", type=int, default=2, show_default=True, help="Conv blocks per resolution (study: 3).")
+@SEED
+@DEVICE
+@click.option("--resume", is_flag=True, help="Keep finished decoders, continue interrupted ones.")
+@click.option("--overwrite", is_flag=True, help="Retrain decoders that exist.")
+@QUIET
+@_friendly
+def decoder(out, layers, model, checkpoint, data, data_root, image_size, epochs, batch_size, lr,
+            max_train, max_val, width, blocks, seed, device, resume, overwrite, quiet):
+    """Train a decoder from each layer's latent back to the image → RUN/decoders/ (cards: val MSE,
+    PSNR, class kept, the least-squares linear decoder's MSE as the bar)."""
+    from .paths.decoder_job import train_decoders
+
+    run = Run(out)
+    _log_command(run)
+    data = data or _trained_on(run)
+    if data is None:
+        raise click.UsageError(f"no trained model in {run.model_dir} to take the dataset from: pass --data NAME")
+    has_trained = run.checkpoint.is_file() and run.model_meta.is_file() and checkpoint is None
+    if image_size is None and not (has_trained and model in (None, json.loads(run.model_meta.read_text()).get("model"))):
+        from .classifier import default_image_size
+        from .data import load_dataset
+
+        image_size = default_image_size(load_dataset(data, split="train", root=data_root).native_size)
+    net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=False, image_size=image_size,
+                      device=device, quiet=quiet, seed=seed)
+    cards = train_decoders(run, layers if layers != "all" else None, model=net, dataset=data,
+                           data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
+                           max_train=max_train, max_val=max_val, width=width, blocks=blocks,
+                           device=device, seed=seed, resume=resume, overwrite=overwrite,
+                           progress=not quiet)
+    for layer, c in cards.items():
+        shape = "x".join(str(s) for s in c["latent_shape"])
+        click.echo(f"{layer}: latent {shape}, val MSE {c['val_mse']:.4g} (linear decoder "
+                   f"{c['linear_val_mse']:.4g}{'' if c['beats_linear'] else ', NOT beaten'}), "
+                   f"PSNR {c['psnr']:.2f} dB, class kept {_fmt(c['class_kept'])}")
+    click.echo(f"decoders and cards in {run.decoders_dir}")
 
 
 def _fmt(value) -> str:

@@ -24,9 +24,10 @@ Paths:
 image folder
     one sub-folder per class (``root/<class>/<file>``), or split folders ``root/train/<class>/…``
     plus ``root/val/…`` or ``root/test/…``. Every file is decoded once when the folder is loaded;
-    files PIL cannot open or decode (e.g. truncated) are skipped and counted in
-    ``.skipped`` (names in ``.skipped_files``), or raise :class:`DataError` with ``strict=True``.
-    Ids are the posix paths relative to ``root``.
+    files PIL cannot open or decode (e.g. truncated) and dangling symlinks are skipped and counted
+    in ``.skipped`` (names in ``.skipped_files``), or raise :class:`DataError` with ``strict=True``.
+    Symlinks to files and folders are followed, also ones that lead outside ``root``. Ids are the
+    posix paths relative to ``root`` (the link's path, not its target's).
 tensor files
     ``.npz`` with arrays ``images`` and ``labels`` (optional ``ids``, ``classes``); ``.pt`` holding a
     dict with the same keys (loaded with ``weights_only=True``); or ``<name>.npy`` holding the images
@@ -56,7 +57,7 @@ from .errors import DataError
 
 __all__ = [
     "ImageDataset", "ArrayDataset", "FileDataset", "DATASETS", "load_dataset", "balanced_indices",
-    "som_splits", "som_draw_seed", "stratified_partition", "read_idx", "FASHION_MNIST_ROOT", "PARTITION_SEED",
+    "som_splits", "som_draw_seed", "data_root", "stratified_partition", "read_idx", "FASHION_MNIST_ROOT", "PARTITION_SEED",
     "HOLDOUT_FRACTION", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
@@ -498,15 +499,21 @@ _FASHION_CACHE: dict = {}
 
 def _load_fashion(*, split, root, image_size, allow_download, strict):
     s = _norm_split(split, ("train", "test"), "fashion-mnist")
-    base = Path(root) if root is not None else FASHION_MNIST_ROOT
     img_stem, lab_stem = _FASHION_FILES[s]
+    base = Path(root) if root is not None else data_root() / "fashion-mnist"
     img_p, lab_p = _find_idx(base, img_stem), _find_idx(base, lab_stem)
+    if root is None and (img_p is None or lab_p is None) and not allow_download:
+        # the Debian package's copy, when the project's data/ has none
+        alt_p = _find_idx(FASHION_MNIST_ROOT, img_stem), _find_idx(FASHION_MNIST_ROOT, lab_stem)
+        if None not in alt_p:
+            base, (img_p, lab_p) = FASHION_MNIST_ROOT, alt_p
     if (img_p is None or lab_p is None) and allow_download:
         _torchvision_download("FashionMNIST", base, train=(s == "train"))
         img_p, lab_p = _find_idx(base, img_stem), _find_idx(base, lab_stem)
     if img_p is None or lab_p is None:
         raise DataError(
-            f"fashion-mnist {s} files ({img_stem}.gz, {lab_stem}.gz) not found in {base}; install "
+            f"fashion-mnist {s} files ({img_stem}.gz, {lab_stem}.gz) not found in {base}"
+            f"{'' if root is not None else f' nor {FASHION_MNIST_ROOT}'}; install "
             "them with `apt-get install -y dataset-fashion-mnist` (they go to "
             f"{FASHION_MNIST_ROOT}), or pass --data-root DIR holding the IDX files, or allow a "
             "torchvision download (--download)")
@@ -535,19 +542,23 @@ def _torchvision_download(cls_name: str, root: Path, **kwargs):
                         "no network: copy the files there by hand and pass --data-root") from exc
 
 
+def data_root() -> Path:
+    """Where named datasets live when no ``root`` (``--data-root``) is given: ``$SOMPROBE_DATA``,
+    else ``data/`` in the working directory (the project's top-level ``data/`` when run from
+    the repository; ``data/README.md`` there says how to get each dataset offline).
+    Dataset ``NAME`` is looked for, and downloaded to, ``data_root() / NAME``."""
+    return Path(os.environ.get("SOMPROBE_DATA") or "data")
+
+
 def _require_root(name: str, root, hint: str) -> Path:
-    if root is None:
-        raise DataError(f"{name} needs a local copy: pass --data-root DIR ({hint}); somprobe does "
-                        "not download it unless you allow it (--download)")
-    root = Path(root)
-    return root
+    return Path(root) if root is not None else data_root() / name
 
 
 def _tv(name: str, cls_name: str, root, allow_download: bool, hint: str, **kwargs):
     root = _require_root(name, root, hint)
     if not root.exists() and not allow_download:
-        raise DataError(f"{name} root {root} does not exist; pass --data-root DIR ({hint}) or "
-                        "allow a download (--download)")
+        raise DataError(f"{name} root {root} does not exist; put the files there ({hint}; see "
+                        "data/README.md), pass --data-root DIR, or allow a download (--download)")
     import torchvision.datasets as tvd
 
     if cls_name != "ImageNet":  # ImageNet takes no download argument
@@ -704,6 +715,25 @@ def _load_tensors(path: Path, *, split, image_size):
                       image_size=image_size, ids=ids)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted; symlinks to files and folders are followed (also
+    ones leading outside ``folder``; each real folder is visited once, so link loops end), and
+    dangling links are kept so the scan can count them as skipped."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for f in files:
+            p = Path(top) / f
+            # is_file() leaves out FIFOs and devices, which would block or fail in PIL
+            if p.suffix.lower() in _IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())):
+                out.append(p)
+    return sorted(out)
+
+
 def _scan_classes(root: Path, strict: bool):
     from PIL import Image
 
@@ -712,8 +742,13 @@ def _scan_classes(root: Path, strict: bool):
         raise DataError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<image>")
     paths, labels, skipped = [], [], []
     for ci, d in enumerate(class_dirs):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
-        for p in files:
+        for p in _image_files(d):
+            if p.is_symlink() and not p.exists():
+                if strict:
+                    raise DataError(f"dangling symlink {p} (to {os.readlink(p)}); remove it or fix "
+                                    "its target, or drop --strict to skip unreadable files")
+                skipped.append(p)
+                continue
             try:
                 # verify() checks PNG checksums but not JPEG data, so the image is also decoded:
                 # broken files show up here rather than in the middle of an extraction.

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,70 @@ def test_cli_prints_no_traceback_for_broken_inputs(tmp_path):
         assert res.exit_code == 1, (args, res.output, res.exception)
         assert "Traceback" not in res.output and words in res.output, (args, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+# -- image folders: skipped files, symlinks ----------------------------------------------------
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "digits-sample"
+
+
+def _linked_folder(tmp_path):
+    """Classes 0-2 of the bundled sample as symlinks leading outside the folder (a linked
+    sub-folder for class 2), one dangling link and one undecodable file."""
+    root = tmp_path / "linked"
+    for c in ("0", "1"):
+        (root / c).mkdir(parents=True)
+        for f in sorted((SAMPLE / c).iterdir()):
+            (root / c / f.name).symlink_to(f)
+    (root / "2").mkdir()
+    (root / "2" / "more").symlink_to(SAMPLE / "2", target_is_directory=True)
+    (root / "1" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (root / "0" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def test_sample_folder_is_the_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset(SAMPLE, split="all", image_size=8)
+    assert len(ds) == 50 and ds.classes == [str(c) for c in range(10)]
+    assert np.bincount(ds.labels).tolist() == [5] * 10
+    d = load_digits()
+    idx = [int(Path(i).stem) for i in ds.ids]
+    assert (d.target[idx] == ds.labels).all()
+    np.testing.assert_allclose(ds.images(np.arange(50))[:, 0].numpy(), d.images[idx] / 16, atol=1 / 255)
+
+
+def test_folder_follows_symlinks_and_skips_dangling_ones(tmp_path):
+    root = _linked_folder(tmp_path)
+    ds = load_dataset(root, split="all", image_size=8)
+    assert np.bincount(ds.labels).tolist() == [5, 5, 5]  # links outside the folder are followed
+    assert "2/more/0002.png" in ds.ids  # a linked sub-folder too; ids are the link paths
+    assert ds.skipped == 2 and ds.skipped_files == ["0/bad.png", "1/gone.png"]
+    ref = load_dataset(SAMPLE, split="all", image_size=8)
+    mine = ds.images([ds.ids.index("1/0001.png")])
+    assert torch.equal(mine, ref.images([ref.ids.index("1/0001.png")]))
+
+
+def test_strict_fails_on_a_dangling_symlink(tmp_path):
+    root = _linked_folder(tmp_path)
+    (root / "0" / "bad.png").unlink()
+    with pytest.raises(DataError, match="dangling symlink .*gone.png"):
+        load_dataset(root, split="all", strict=True)
+
+
+def test_cli_records_and_prints_skipped_files(tmp_path):
+    root = _linked_folder(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["extract", "--out", str(out), "--model", "test_resnet",
+                                    "--data", str(root), "--per-class", "1", "--image-size", "16",
+                                    "--layers", "CL4", "--quiet", "--device", "cpu"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("2 unreadable file(s) skipped (0/bad.png, 1/gone.png)") == 2
+    for store in ("som-tr", "som-val"):
+        m = json.loads((out / "codes" / store / "manifest.json").read_text())
+        assert m["skipped"] == 2 and m["skipped_files"] == ["0/bad.png", "1/gone.png"]
+    res = CliRunner().invoke(main, ["extract", "--out", str(out), "--model", "test_resnet",
+                                    "--data", str(root), "--strict", "--overwrite", "--quiet",
+                                    "--image-size", "16", "--device", "cpu"])
+    assert res.exit_code == 1 and "corrupt image" in res.output and "Traceback" not in res.output
