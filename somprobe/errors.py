@@ -8,6 +8,7 @@ __all__ = [
     "DecoderError",
     "DetectError", "NotFittedError",
     "DistributedError",
+    "GeometryError",
 ]
 
 
@@ -60,3 +61,8 @@ class PathError(SomprobeError):
 
 class DecoderError(SomprobeError):
     """A latent-to-image decoder is missing, corrupt, foreign or asked for the wrong latent."""
+
+
+# geometry (issue 11) ---------------------------------------------------------
+class GeometryError(SomprobeError):
+    """A curvature, Hessian or subspace computation gets bad parameters (h <= 0, k too large ...)."""
