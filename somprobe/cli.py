@@ -412,6 +412,12 @@ def shift(out, clean_split, perturbed, size, layers, k, no_figures, quiet):
     if "shift_summary" in tables:
         summary = tables["shift_summary"]
         click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        if "n_missing" in summary:
+            short = summary[summary["n_missing"] > 0].drop_duplicates("perturbation")
+            for _, row in short.iterrows():
+                click.echo(f"note: {row['perturbation']} holds {int(row['n'])} of "
+                           f"{int(row['n'] + row['n_missing'])} {clean_split} inputs; "
+                           f"{int(row['n_missing'])} without a perturbed twin were left out")
     if not no_figures:
         _figures(run, quiet)
 
@@ -633,6 +639,66 @@ def detect(out, attacks, detectors, seeds, samples, split, eps, batch_size, no_f
             save_figure(make(), run.figure(name))
     click.echo(f"tables        : {run.detect_dir} (scores.csv, summary.csv, attacks.csv, roc.csv)")
     click.echo(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# convexity (issue 10)
+# ---------------------------------------------------------------------------------------------
+def _int_range(text: str, option: str) -> list[int]:
+    """``"2-10"`` → 2..10; ``"2,4,8"`` → [2, 4, 8]."""
+    try:
+        out = []
+        for part in str(text).split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        return out
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of integers like 2-10 or 2,4,8", param_hint=option)
+
+
+@main.command()
+@OUT
+@click.option("--name", default="convexity", show_default=True, help="Folder under RUN/paths/.")
+@click.option("--space", "spaces", default="input", show_default=True,
+              help="Spaces, comma separated: input and/or layers (CL1-CL4, CLS<k>).")
+@click.option("--k", "ks", default="2-10", show_default=True, help="Numbers of images combined.")
+@click.option("--trials", type=int, default=100, show_default=True, help="Combinations per k.")
+@click.option("--per-class", type=int, default=50, show_default=True,
+              help="Correctly classified images per class in the pool.")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="Dirichlet concentration of the weights (1: uniform on the simplex).")
+@click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on).")
+@click.option("--split", "data_split", default="test", show_default=True, help="Dataset split the images come from.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
+@click.option("--model", help="timm model name (default: the model trained in RUN).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@SEED
+@DEVICE
+@click.option("--overwrite", is_flag=True, help="Replace a convexity test of the same name.")
+@QUIET
+@_friendly
+def convexity(out, name, spaces, ks, trials, per_class, alpha, data, data_split, data_root, model,
+              checkpoint, seed, device, overwrite, quiet):
+    """Study 002's convexity test: share of random convex combinations of k same-class images
+    (Dirichlet weights) still labelled in the class → RUN/paths/NAME/convexity*.csv."""
+    from .data import load_dataset
+    from .paths.convexity_job import convexity_run
+
+    run = Run(out)
+    _log_command(run)
+    data = data or _trained_on(run)
+    if data is None:
+        raise click.UsageError(f"no trained model in {run.model_dir} to take the dataset from: pass --data NAME")
+    net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=False, image_size=None,
+                      device=device, quiet=quiet, seed=seed)
+    ds = load_dataset(data, split=data_split, root=data_root, image_size=getattr(net, "image_size", None))
+    summary = convexity_run(run, model=net, dataset=ds, name=name, spaces=_csv(spaces) or ["input"],
+                            ks=_int_range(ks, "--k"), trials=trials, per_class=per_class, alpha=alpha,
+                            seed=seed, device=device, overwrite=overwrite)
+    for row in summary["summary"]:
+        click.echo(f"{row['space']:>8}  k={row['k']:<3} share in class {row['share_in_class']:.3f} "
+                   f"(n={row['n']})")
+    click.echo(f"tables in {run.paths_dir(name)}")
 
 
 # ---------------------------------------------------------------------------------------------

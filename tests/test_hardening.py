@@ -319,3 +319,45 @@ def test_cli_records_and_prints_skipped_files(tmp_path):
                                     "--data", str(root), "--strict", "--overwrite", "--quiet",
                                     "--image-size", "16", "--device", "cpu"])
     assert res.exit_code == 1 and "corrupt image" in res.output and "Traceback" not in res.output
+
+
+# -- shift with a perturbed split that holds part of the clean ids --------------------------------
+def test_shift_compares_shared_ids_and_counts_the_missing(tmp_path):
+    import pandas as pd
+
+    from somprobe.run import Run
+    from somprobe.store import StoreWriter, open_store
+
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    base = ["--out", out, "--quiet"]
+    for args in (["extract", "--model", "test_resnet", "--data", "digits", "--per-class", "4",
+                  "--image-size", "16", "--layers", "CL3,CL4", "--device", "cpu"],
+                 ["fit", "--size", "4", "--epochs", "1", "--device", "cpu"],
+                 ["attack", "--attack", "noise", "--eps", "8/255", "--device", "cpu"]):
+        res = runner.invoke(main, [args[0], *base, *args[1:]], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    run = Run(out)
+    full = open_store(run.codes_dir("noise"))
+    keep = np.arange(0, full.n_rows, 3)[::-1]  # a third of the ids, in another order
+    w = StoreWriter(run.codes_dir("noise-part"), layers_dims=full.dims, n_rows=len(keep),
+                    manifest={"split": "noise-part"}, ids=[full.ids[i] for i in keep])
+    w.write(0, {l: full.codes(l)[keep] for l in full.layers}, full.labels[keep], full.preds[keep])
+    w.close()
+
+    res = runner.invoke(main, ["shift", *base, "--perturbed", "noise,noise-part", "--no-figures"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    n_all, n_part = full.n_rows, len(keep)
+    assert f"note: noise-part holds {n_part} of {n_all} som-val inputs; {n_all - n_part} without" \
+        in res.output
+    assert "note: noise holds" not in res.output
+    summ = pd.read_csv(run.table("shift_summary")).set_index(["layer", "perturbation"])
+    assert (summ.xs("noise-part", level=1)[["n", "n_missing"]].values == [n_part, n_all - n_part]).all()
+    assert (summ.xs("noise", level=1)[["n", "n_missing"]].values == [n_all, 0]).all()
+    # the shared ids have the same shifts as in the full split
+    s = pd.read_csv(run.table("shifts"), dtype={"sample_id": str})
+    part = s[s.perturbation == "noise-part"].set_index(["layer", "sample_id", "rank"])["distance"]
+    whole = s[s.perturbation == "noise"].set_index(["layer", "sample_id", "rank"])["distance"]
+    assert len(part) == n_part * 10 * 2
+    pd.testing.assert_series_equal(part.sort_index(), whole.loc[part.index].sort_index())

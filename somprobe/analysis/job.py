@@ -35,7 +35,7 @@ TABLE_COLUMNS = {
     "centre_similarity": ["layer", "size", "class_a", "class_b", "unit_a", "unit_b", "cosine_distance"],
     "correct_incorrect": ["layer", "size", "correct", "n", "mean", "median", "q25", "q75"],
     "shifts": ["layer", "size", "perturbation", "sample_id", "rank", "distance"],
-    "shift_summary": ["layer", "size", "perturbation", "n", "mean", "median", "q25", "q75"],
+    "shift_summary": ["layer", "size", "perturbation", "n", "n_missing", "mean", "median", "q25", "q75"],
 }
 
 _STEM = re.compile(r"^(?P<layer>.+)-(?P<m>\d+)x(?P<n>\d+)$")
@@ -430,7 +430,8 @@ def shift_run(run, *, clean_split: str = "som-val", perturbed_splits=None, sizes
         Code-store splits of perturbed inputs; default every split made by ``somprobe attack``
         (an ``attacks/<split>`` directory) or named ``adv*`` / ``noise*``.
         Perturbed inputs are matched to clean ones by sample id; the perturbed store may hold a
-        subset in any order.
+        subset in any order (only the shared ids are compared; the others are counted in
+        ``shift_summary.n_missing``).
     sizes, layers
         Filters as in :func:`analyze_run`.
     k : int, optional
@@ -443,7 +444,8 @@ def shift_run(run, *, clean_split: str = "som-val", perturbed_splits=None, sizes
     -------
     dict[str, pandas.DataFrame]
         ``shifts`` (``layer, size, perturbation, sample_id, rank, distance``) and
-        ``shift_summary`` (``layer, size, perturbation, n, mean, median, q25, q75``, ``n`` inputs).
+        ``shift_summary`` (``layer, size, perturbation, n, n_missing, mean, median, q25, q75``:
+        ``n`` inputs compared, ``n_missing`` clean inputs the perturbed split does not hold).
 
     Raises
     ------
@@ -486,7 +488,10 @@ def shift_run(run, *, clean_split: str = "som-val", perturbed_splits=None, sizes
             b_p = _load_bmus(run, entry, sp, grid, k=k, compute=True)
             dist = bmu_shifts(b_clean[idx], b_p[:, : b_clean.shape[1]], grid)
             rows.append(_tag(shift_table(dist, sp.ids), **tag, perturbation=name))
-            summ.append(pd.DataFrame([{**tag, "perturbation": name, **shift_summary(dist)}]))
+            # clean inputs without a perturbed twin (an attack of part of the split) are left out
+            # of the comparison and counted, so a short attack is visible in the summary
+            summ.append(pd.DataFrame([{**tag, "perturbation": name, **shift_summary(dist),
+                                       "n_missing": len(clean.ids) - len(idx)}]))
     tables = {"shifts": _frame("shifts", rows), "shift_summary": _frame("shift_summary", summ)}
     if write:
         for name, df in tables.items():
