@@ -29,6 +29,7 @@ _EXPORTS = {
     "attack_run": "attacks.job",
     "plot_run": "plots", "write_report": "report",
     "run_demo": "pipeline",
+    "train_decoders": "paths.decoder_job", "load_decoder": "paths.decoder_job",
 }
 
 __all__ = ["__version__", *_EXPORTS]

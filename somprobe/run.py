@@ -119,6 +119,19 @@ class Run:
         """JSON card of a decoder: architecture, training, val MSE, PSNR, class kept."""
         return self.decoders_dir / f"{_safe(layer)}.json"
 
+    def decoder_state(self, layer: str) -> Path:
+        """Per-epoch training checkpoint of a decoder (``--resume``); removed once it is done."""
+        return self.decoders_dir / f"{_safe(layer)}.state.pt"
+
+    def decoder_samples(self, layer: str) -> Path:
+        """A few val images and their reconstructions (``.npz``) for the decoders figure."""
+        return self.decoders_dir / f"{_safe(layer)}-samples.npz"
+
+    @property
+    def decoder_cards_csv(self) -> Path:
+        """One row per decoder card (the report's Decoders table)."""
+        return self.decoders_dir / "cards.csv"
+
     @property
     def paths_root(self) -> Path:
         return self.root / "paths"

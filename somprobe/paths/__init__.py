@@ -10,8 +10,11 @@ from __future__ import annotations
 from .core import PathBatch, check_paths, evaluate, linear_profile, path_profile
 from .linear import find_linear
 from .spaces import Space, make_space
+# decoders (helper split-decoders): pure model code; the run job is somprobe.paths.decoder_job
+from .decoders import Decoder, build_decoder, decode, fit_linear_decoder
 
 __all__ = [
     "Space", "make_space", "PathBatch", "check_paths", "evaluate", "linear_profile",
     "path_profile", "find_linear",
+    "Decoder", "build_decoder", "decode", "fit_linear_decoder",
 ]

@@ -1,0 +1,425 @@
+"""The run-level job behind ``somprobe decoder``: train, save, load and score latent decoders.
+
+For each layer a :class:`~somprobe.paths.decoders.Decoder` learns to map the layer's raw latent
+(the head of :func:`somprobe.models.split_model`, the same points paths live on) back to the
+image, on the train split of the dataset the run's model was trained on. Files, all under
+``run.decoders_dir`` and all written atomically:
+
+* ``<layer>.pt`` — the weights: plain tensors and the architecture as a JSON string, read back
+  with ``torch.load(weights_only=True)`` (a corrupt or foreign file is a clear
+  :class:`~somprobe.errors.DecoderError`; nothing is unpickled).
+* ``<layer>.state.pt`` — per-epoch training checkpoint for ``--resume`` (removed when done).
+* ``<layer>.json`` — the card: architecture, latent shape, training settings, train/val MSE per
+  epoch, val PSNR, the val MSE of a least-squares linear decoder on the same latents (the bar),
+  and "class kept" (the model's accuracy on decoded val images over its clean accuracy).
+* ``<layer>-samples.npz`` — a few val images and their reconstructions (the figure).
+* ``cards.csv`` — one row per card (the report's table).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from ..device import resolve_device
+from ..errors import DecoderError
+from ..run import Run, atomic_output, atomic_write_json, save_csv
+from .decoders import (
+    Decoder, build_decoder, decode, decoder_defaults, fit_linear_decoder, psnr, train_epoch,
+)
+
+__all__ = ["train_decoders", "train_decoder", "load_decoder", "read_decoder", "save_decoder",
+           "require_decoder", "read_cards", "cards_table", "DECODER_FORMAT", "CARD_COLUMNS"]
+
+#: ``format`` entry of a decoder file; anything else is refused as foreign.
+DECODER_FORMAT = "somprobe-decoder"
+_VERSION = 1
+#: Columns of ``decoders/cards.csv``.
+CARD_COLUMNS = ["layer", "latent_shape", "kind", "epochs", "batch_size", "n_train", "n_val",
+                "train_mse", "val_mse", "psnr", "linear_val_mse", "linear_psnr", "beats_linear",
+                "clean_acc", "decoded_acc", "class_kept", "seconds"]
+# settings that must match to continue a decoder's training with --resume
+_RESUME_KEYS = ("model", "dataset", "image_size", "latent_shape", "arch", "epochs", "batch_size",
+                "lr", "seed", "n_train")
+
+
+# --------------------------------------------------------------------------- files
+def save_decoder(path: str | Path, decoder: Decoder) -> None:
+    """Write ``decoder`` to ``path`` atomically as plain tensors + its architecture (JSON string)."""
+    obj = {"format": DECODER_FORMAT, "version": _VERSION, "arch": json.dumps(decoder.arch),
+           "state_dict": {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}}
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _torch_load(path: Path, what: str, fix: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, pickled code refused by weights_only, truncated file ...
+        raise DecoderError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]}; "
+                           f"it is corrupt or not a somprobe decoder file: {fix}") from e
+
+
+def read_decoder(path: str | Path, *, device="cpu", fix: str = "retrain it with `somprobe decoder`") -> Decoder:
+    """Rebuild a decoder saved by :func:`save_decoder` (``weights_only`` load: never runs code).
+
+    Raises
+    ------
+    DecoderError
+        Missing, corrupt or foreign file, or weights that do not fit the stored architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DecoderError(f"no decoder file {path}: {fix}")
+    obj = _torch_load(path, "decoder", fix)
+    if not isinstance(obj, dict) or obj.get("format") != DECODER_FORMAT:
+        raise DecoderError(f"{path} is not a somprobe decoder file (no format {DECODER_FORMAT!r}); {fix}")
+    if obj.get("version") != _VERSION:
+        raise DecoderError(f"{path} is decoder format version {obj.get('version')!r}, this somprobe "
+                           f"reads version {_VERSION}; {fix}")
+    sd = obj.get("state_dict")
+    try:
+        arch = json.loads(obj.get("arch", ""))
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise TypeError("state_dict is not a dict of tensors")
+        decoder = Decoder(arch)
+        decoder.load_state_dict(sd, strict=True)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise DecoderError(f"decoder file {path} is inconsistent ({str(e)[:200]}); {fix}") from e
+    return decoder.to(resolve_device(device)).eval()
+
+
+def _fix(run: Run, layer: str) -> str:
+    return f"run `somprobe decoder --out {run.root} --layer {layer}`"
+
+
+def require_decoder(run: Run | str | Path, layer: str) -> Path:
+    """The path of ``layer``'s trained decoder in ``run``, or an error naming the command that makes it.
+
+    Raises
+    ------
+    DecoderError
+        ``somprobe decoder`` has not (completely) run for ``layer``.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    path = run.decoder_path(layer)
+    if not path.is_file() or not run.decoder_card(layer).is_file():
+        partial = " (its training was interrupted: add --resume)" if run.decoder_state(layer).is_file() else ""
+        raise DecoderError(f"no decoder for {layer} in {run.root}{partial}: decoded images need one; "
+                           f"{_fix(run, layer)}{' --resume' if partial else ''} first")
+    return path
+
+
+def load_decoder(run: Run | str | Path, layer: str, *, device="cpu") -> Decoder:
+    """The trained decoder of ``layer`` in ``run`` (eval mode), see :func:`require_decoder`."""
+    run = run if isinstance(run, Run) else Run(run)
+    return read_decoder(require_decoder(run, layer), device=device,
+                        fix=f"{_fix(run, layer)} --overwrite to retrain it")
+
+
+def read_cards(run: Run | str | Path) -> list[dict]:
+    """Every decoder card of ``run`` (sorted by layer); unreadable cards are skipped."""
+    run = run if isinstance(run, Run) else Run(run)
+    cards = []
+    if run.decoders_dir.is_dir():
+        for p in sorted(run.decoders_dir.glob("*.json")):
+            try:
+                card = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(card, dict) and card.get("layer"):
+                cards.append(card)
+    return cards
+
+
+def cards_table(cards: Sequence[dict]) -> pd.DataFrame:
+    """The tidy ``cards.csv`` table of some cards (columns :data:`CARD_COLUMNS`)."""
+    rows = []
+    for c in cards:
+        row = {k: c.get(k) for k in CARD_COLUMNS}
+        row["latent_shape"] = "x".join(str(s) for s in c.get("latent_shape", []))
+        row["kind"] = c.get("arch", {}).get("kind")
+        row["train_mse"] = (c.get("train_mse") or [None])[-1]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=CARD_COLUMNS)
+
+
+# --------------------------------------------------------------------------- training
+def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(limit), replace=False))
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+@torch.no_grad()
+def _latents(head, dataset, idx, size, device, batch_size=256):
+    zs, xs = [], []
+    for s in range(0, len(idx), batch_size):
+        x = dataset.images(idx[s:s + batch_size], size).to(device)
+        zs.append(head(x))
+        xs.append(x)
+    return torch.cat(zs), torch.cat(xs)
+
+
+@torch.no_grad()
+def _accuracy(model, x, labels, batch_size=256) -> tuple[float, torch.Tensor]:
+    pred = torch.cat([model(x[s:s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
+    return float((pred.cpu() == labels).float().mean()), pred.cpu()
+
+
+def _fingerprint(values) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: int | None = None,
+                  batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
+                  max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
+                  width: int = 64, min_width: int = 16, blocks: int = 2, device="auto", seed: int = 0,
+                  resume: bool = False, overwrite: bool = False, progress: bool = False) -> dict:
+    """Train, score and save the decoder of one layer; return its card (see :func:`train_decoders`)."""
+    from ..models import split_model
+
+    dev = resolve_device(device)
+    if lr <= 0 or (epochs is not None and epochs < 1) or (batch_size is not None and batch_size < 1) \
+            or max_val < 1 or n_linear < 2:
+        raise DecoderError(f"lr ({lr}), epochs ({epochs}), batch_size ({batch_size}) and max_val "
+                           f"({max_val}) must be positive and n_linear ({n_linear}) at least 2")
+    card_path, state_path = run.decoder_card(layer), run.decoder_state(layer)
+    if card_path.is_file() and not overwrite:
+        if resume:
+            return json.loads(card_path.read_text())
+        raise DecoderError(f"{layer} already has a decoder in {run.decoders_dir}; pass --overwrite to "
+                           "retrain it (or --resume to keep it)")
+    model = model.to(dev).eval()
+    head, tail = split_model(model, layer)
+    size = int(model.image_size)
+    with torch.no_grad():
+        z0 = head(train_data.images([0], size).to(dev))
+    shape = list(z0.shape[1:])
+    prefix = int(getattr(model.net, "num_prefix_tokens", 0) or 0) if len(shape) == 2 else 0
+    decoder = build_decoder(shape, size, prefix_tokens=prefix, width=width, min_width=min_width,
+                            blocks=blocks, seed=seed).to(dev)
+    defaults = decoder_defaults(decoder.arch["kind"])
+    epochs = int(epochs or defaults["epochs"])
+    batch_size = int(batch_size or defaults["batch_size"])
+    tr_idx = _subset(len(train_data), max_train, seed)
+    va_idx = _subset(len(val_data), max_val, seed + 1)
+    settings = {"model": getattr(model, "name", ""), "dataset": f"{train_data.name}/{train_data.split}",
+                "image_size": size, "latent_shape": shape, "arch": decoder.arch, "epochs": epochs,
+                "batch_size": batch_size, "lr": float(lr), "seed": int(seed), "n_train": int(len(tr_idx))}
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    history = {"train_mse": [], "val_mse_epochs": [], "epoch_seconds": []}
+    start = 0
+    if state_path.is_file() and not overwrite:
+        if not resume:
+            raise DecoderError(f"an interrupted training of the {layer} decoder is in {state_path}: "
+                               "pass --resume to continue it or --overwrite to start again")
+        st = _torch_load(state_path, "decoder checkpoint", "delete it and train again")
+        try:
+            old = json.loads(st["settings"])
+            changed = [k for k in _RESUME_KEYS if old.get(k) != json.loads(json.dumps(settings[k]))]
+            if changed:
+                k = changed[0]
+                raise DecoderError(f"cannot resume the {layer} decoder: it was trained with {k}="
+                                   f"{old.get(k)!r}, now {settings[k]!r}; use the same settings or "
+                                   "--overwrite")
+            decoder.load_state_dict(st["decoder"])
+            opt.load_state_dict(st["optimizer"])
+            start = int(st["epoch"])
+            history = json.loads(st["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, DecoderError):
+                raise
+            raise DecoderError(f"decoder checkpoint {state_path} is inconsistent ({str(e)[:200]}); "
+                               "delete it and train again") from e
+
+    z_val, x_val = _latents(head, val_data, va_idx, size, dev)
+    if start == 0:
+        history["val_mse_init"] = round(float(F.mse_loss(decode(decoder, z_val), x_val)), 7)
+    steps = -(-len(tr_idx) // batch_size)
+    bar = None
+    if progress and start < epochs:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=(epochs - start) * steps, desc=f"decoder {layer}")
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([seed, epoch])
+            order = tr_idx[rng.permutation(len(tr_idx))]
+
+            def batches(order=order):
+                for s in range(0, len(order), batch_size):
+                    x = train_data.images(order[s:s + batch_size], size).to(dev)
+                    with torch.no_grad():
+                        z = head(x)
+                    yield z, x
+
+            def step(loss, epoch=epoch):
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, mse=f"{loss:.4f}")
+
+            try:
+                train_mse = train_epoch(decoder, opt, batches(), on_step=step)
+            except DecoderError as e:
+                raise DecoderError(f"{layer}, epoch {epoch + 1}: {e} with --overwrite") from e
+            val_mse = float(F.mse_loss(decode(decoder, z_val), x_val))
+            history["train_mse"].append(round(train_mse, 7))
+            history["val_mse_epochs"].append(round(val_mse, 7))
+            history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, val_mse=f"{val_mse:.4f}")
+            _save_state(state_path, {"decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
+                                     "epoch": epoch + 1, "settings": json.dumps(settings),
+                                     "history": json.dumps(history)})
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- the card: val reconstruction, the linear bar, class kept
+    t0 = time.perf_counter()
+    decoder.eval()
+    x_hat = decode(decoder, z_val)
+    val_mse = float(F.mse_loss(x_hat, x_val))
+    lin_idx = tr_idx[np.random.default_rng([seed, 7]).permutation(len(tr_idx))[:n_linear]]
+    z_lin, x_lin = _latents(head, train_data, np.sort(lin_idx), size, dev)
+    linear = fit_linear_decoder(z_lin, x_lin, ridge=ridge)
+    del z_lin, x_lin
+    lin_mse = float(torch.cat([F.mse_loss(linear(z_val[s:s + 256]), x_val[s:s + 256], reduction="none")
+                               .flatten(1).mean(1) for s in range(0, len(x_val), 256)]).mean())
+    labels = torch.from_numpy(val_data.labels[va_idx])
+    clean_acc, clean_pred = _accuracy(model, x_val, labels)
+    dec_acc, dec_pred = _accuracy(model, x_hat, labels)
+    k = min(int(n_samples), len(va_idx))
+    run.decoders_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(run.decoder_samples(layer)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, original=_to_uint8(x_val[:k]), decoded=_to_uint8(x_hat[:k]),
+                 ids=np.asarray([val_data.ids[i] for i in va_idx[:k]]), labels=labels[:k].numpy(),
+                 pred_clean=clean_pred[:k].numpy(), pred_decoded=dec_pred[:k].numpy(),
+                 classes=np.asarray(val_data.classes))
+    save_decoder(run.decoder_path(layer), decoder)
+    card = {
+        "layer": layer, **settings,
+        "latent_kind": decoder.arch["kind"],
+        "params": int(sum(p.numel() for p in decoder.parameters())),
+        "optimizer": "adam", "loss": "mse",
+        "n_val": int(len(va_idx)), "val_dataset": f"{val_data.name}/{val_data.split}",
+        **history,
+        "val_mse": round(val_mse, 7), "psnr": round(psnr(val_mse), 4),
+        "linear_val_mse": round(lin_mse, 7), "linear_psnr": round(psnr(lin_mse), 4),
+        "n_linear": int(min(n_linear, len(tr_idx))), "ridge": ridge,
+        "beats_linear": bool(val_mse < lin_mse),
+        "clean_acc": round(clean_acc, 6), "decoded_acc": round(dec_acc, 6),
+        "class_kept": round(dec_acc / clean_acc, 6) if clean_acc > 0 else None,
+        "seconds": round(sum(history["epoch_seconds"]) + time.perf_counter() - t0, 3),
+        "device": str(dev), "torch": torch.__version__, "complete": True,
+        "file": run.decoder_path(layer).name,
+    }
+    atomic_write_json(card_path, card)
+    state_path.unlink(missing_ok=True)
+    save_csv(run.decoder_cards_csv, cards_table(read_cards(run)))
+    return card
+
+
+def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = None, *, model=None,
+                   dataset=None, data_root=None, epochs: int | None = None,
+                   batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
+                   max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
+                   width: int = 64, min_width: int = 16, blocks: int = 2, device="auto", seed: int = 0,
+                   resume: bool = False, overwrite: bool = False, progress: bool = False) -> dict[str, dict]:
+    """Train one latent-to-image decoder per layer into ``run/decoders/``.
+
+    Study 001 Tables 2–4 adapted to each layer's latent (:mod:`somprobe.paths.decoders`): MSE,
+    Adam at ``lr``; batch 32 and 10 epochs for spatial latents (conv maps, ViT token grids),
+    batch 128 and 5 epochs for flat ones (1×1 maps), unless given. Trained on the train split
+    with a per-epoch checkpoint; then scored on up to ``max_val`` val images.
+
+    Parameters
+    ----------
+    run : Run or path
+    layers : str or sequence of str, optional
+        ``"CL1,CL3"``, ranges, ``module:<name>`` (any layer :func:`somprobe.models.split_model`
+        splits at); default every named probe of the model.
+    model : NormalizedModel, optional
+        Default: the model trained in ``run`` (``somprobe train``).
+    dataset : str or path, optional
+        Default: the dataset the run's model was trained on; its train split trains the decoder
+        and its val split scores it.
+    data_root : path, optional
+        Local copy of a named dataset.
+    epochs, batch_size : int, optional
+        Default: study 001 Table 4 for the latent's kind (see above).
+    lr : float
+        Adam learning rate (study: 1e-3).
+    max_train : int, optional
+        Train on a seeded random subset of this many images (default: the whole train split).
+    max_val : int
+        Val images scored (MSE, PSNR, class kept, linear bar).
+    n_linear : int
+        Train latents the least-squares linear decoder is fitted on (closed form).
+    ridge : float
+        Relative ridge of that fit.
+    n_samples : int
+        Val images and reconstructions saved for the figure.
+    width, min_width, blocks : int
+        Decoder size (see :func:`~somprobe.paths.decoders.decoder_arch`).
+    device : str
+    seed : int
+        Seeds the decoder's initialisation, the subsets and the shuffling.
+    resume : bool
+        Keep finished decoders and continue interrupted ones from their last epoch.
+    overwrite : bool
+        Retrain decoders that exist.
+    progress : bool
+        tqdm bar per layer.
+
+    Returns
+    -------
+    dict
+        Layer → card (also in ``run.decoder_card(layer)`` and ``decoders/cards.csv``).
+
+    Raises
+    ------
+    DecoderError, ModelError, DataError
+        Bad settings, a layer the model cannot split at (the message names those it can), an
+        existing decoder without ``resume``/``overwrite``, a diverging training.
+    """
+    from ..classifier import load_trained
+    from ..data import load_dataset
+    from ..models import parse_layers, probe_names
+
+    run = run if isinstance(run, Run) else Run(run)
+    meta = json.loads(run.model_meta.read_text()) if run.model_meta.is_file() else {}
+    if model is None:
+        model = load_trained(run, device=device)
+    if dataset is None:
+        dataset = meta.get("dataset")
+        if dataset is None:
+            raise DecoderError(f"no dataset recorded in {run.model_meta}: pass --data NAME")
+    layers = parse_layers(layers if layers else probe_names(model) or "", model)
+    size = int(model.image_size)
+    train_data = load_dataset(dataset, split=meta.get("train_split", "train"), root=data_root, image_size=size)
+    val_data = load_dataset(dataset, split=meta.get("val_split", "val"), root=data_root, image_size=size)
+    return {layer: train_decoder(run, layer, model=model, train_data=train_data, val_data=val_data,
+                                 epochs=epochs, batch_size=batch_size, lr=lr, max_train=max_train,
+                                 max_val=max_val, n_linear=n_linear, ridge=ridge, n_samples=n_samples,
+                                 width=width, min_width=min_width, blocks=blocks, device=device,
+                                 seed=seed, resume=resume, overwrite=overwrite, progress=progress)
+            for layer in layers}
