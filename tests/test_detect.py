@@ -237,3 +237,54 @@ def test_straight_line_loss_and_references_match_a_loop():
         assert torch.equal(refs[c], images[pos[c]])
     with pytest.raises(DetectError, match="classes \\[3\\]"):
         class_references(model, images, labels, num_classes=4, device="cpu")
+
+
+# --------------------------------------------------------------------------- curvature (Algorithm 2)
+class _Ball(torch.nn.Module):
+    """Three classes with known boundaries: class 0 inside a ball of radius r around c (logit 0),
+    class 1 outside it (logit a·‖x−c‖² − r²), class 2 a plane far away (never predicted)."""
+
+    def __init__(self, c, r=1.0, a=0.5):
+        super().__init__()
+        self.register_buffer("c", c)
+        self.r, self.a = r, a
+
+    def forward(self, x):
+        q = self.a * (x - self.c).flatten(1).pow(2).sum(1) - self.r ** 2 * self.a
+        lin = x.flatten(1).sum(1) * 0.01 - 10.0
+        return torch.stack([torch.zeros_like(q), q, lin], 1)
+
+
+@pytest.mark.parametrize("method", ["exact", "fd"])
+def test_curvature_detector_known_curvatures_threshold_and_labels(method):
+    from somprobe.detect.curvature import CurvatureDetector
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.full((1, 3, 4, 4), 0.5)
+    d = 48
+    model = _Ball(c).double()
+
+    def at_radius(n, radius):
+        u = torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64)
+        u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return c + radius * u
+
+    inside, outside = at_radius(8, 0.5), at_radius(8, 2.0)
+    det = CurvatureDetector(model, n_directions=200, method=method, h=1e-3, device="cpu",
+                            batch_size=8)
+    f_in, f_out = det.features(inside), det.features(outside)
+    # inside (k̂ = 0): F_1 = a‖x−c‖² − a r² → vᵀGv = ‖Pv‖² / ‖x−c‖, mean (1 − 1/d)/0.5; F_2 is linear
+    assert np.isnan(f_in[:, 0]).all()
+    np.testing.assert_allclose(f_in[:, 1], (1 - 1 / d) / 0.5, rtol=0.1)
+    np.testing.assert_allclose(f_in[:, 2], 0.0, atol=1e-6)
+    # outside (k̂ = 1): F_0 = −F_1 curves the other way: −(1 − 1/d)/2
+    assert np.isnan(f_out[:, 1]).all()
+    np.testing.assert_allclose(f_out[:, 0], -(1 - 1 / d) / 2.0, rtol=0.1)
+    # natural = outside (negative ρ), "adversarial" = inside (positive): perfectly separated
+    det.fit_features(f_out[:4], f_in[:4])
+    s = det.score_features(np.concatenate([f_out[4:], f_in[4:]]))
+    assert M.roc_auc(np.r_[np.zeros(4), np.ones(4)], s) == 1.0
+    assert det.predict_features(f_in[4:]).all() and not det.predict_features(f_out[4:]).any()
+    # label recovery: the most positively curved boundary of an inside point is class 1's
+    assert det.recover_labels(inside[4:]).tolist() == [1] * 4
+    np.testing.assert_allclose(det.score_features(f_in), np.nanmean(f_in, axis=1))

@@ -104,3 +104,14 @@ def test_som_less_run_and_bad_names(trained, tmp_path):
         detect_run(run, attacks="fgsm", detectors="nope", **FAST)
     with pytest.raises(DetectError, match="somprobe train"):
         detect_run(tmp_path / "empty", attacks="fgsm", detectors="input_mfs", **FAST)
+
+
+def test_curvature_in_the_benchmark_recovers_labels(trained, tmp_path):
+    run = _copy_model(trained, tmp_path)
+    res = detect_run(run, attacks="pgd", detectors="curvature,max_softmax", n=30, seeds=(0,),
+                     detector_options={"curvature": {"n_directions": 2}}, device="cpu")
+    s = res["scores"].set_index("detector")
+    assert 0.0 <= s.loc["curvature", "label_recovery"] <= 1.0
+    assert np.isnan(s.loc["max_softmax", "label_recovery"])
+    f = np.load(run.detect_dir / "features" / "curvature" / "clean.npz")["features"]
+    assert f.shape[1] == 10 and (np.isnan(f).sum(1) == 1).all()   # NaN at the predicted class

@@ -8,6 +8,7 @@ the paired split), one module per detector family — :mod:`.curvature` (study 0
 from __future__ import annotations
 
 from .base import Detector, LogisticDetector
+from .curvature import CurvatureDetector
 from .baselines import MahalanobisDetector, MaxSoftmaxDetector, class_gaussians, mahalanobis_distances, penultimate
 from .losscurve import LossCurveDetector, class_references, straight_line_loss
 from .metrics import accuracy, best_threshold, paired_split, roc_auc, roc_curve, tpr_at_fpr
@@ -15,7 +16,7 @@ from .somdist import SOMDistanceDetector
 from .spectral import InputMFSDetector, magnitude_spectrum
 
 __all__ = [
-    "Detector", "LogisticDetector", "InputMFSDetector", "magnitude_spectrum", "MaxSoftmaxDetector",
+    "Detector", "LogisticDetector", "CurvatureDetector", "InputMFSDetector", "magnitude_spectrum", "MaxSoftmaxDetector",
     "MahalanobisDetector", "class_gaussians", "mahalanobis_distances", "penultimate",
     "LossCurveDetector", "class_references", "straight_line_loss", "SOMDistanceDetector",
     "roc_curve", "roc_auc", "tpr_at_fpr", "accuracy", "best_threshold", "paired_split",
