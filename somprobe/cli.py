@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shlex
 import time
 from pathlib import Path
@@ -238,6 +239,8 @@ def _default_store_name(split: str) -> str:
 @click.option("--image-size", type=int, help="Input side (default: the model's).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage of the codes; float16 halves the disk (README: Scaling).")
 @DEVICE
 @SEED
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction.")
@@ -246,7 +249,7 @@ def _default_store_name(split: str) -> str:
 @_friendly
 @_ranked
 def extract(out, model, checkpoint, pretrained, data, data_root, split, name, per_class, layers,
-            stats, com, image_size, batch_size, strict, device, seed, resume, overwrite, quiet):
+            stats, com, image_size, batch_size, strict, dtype, device, seed, resume, overwrite, quiet):
     """Extract vector codes of hidden layers into RUN/codes/<name>/."""
     from .data import balanced_indices, load_dataset, som_draw_seed, som_splits
     from .extract import extract as extract_codes
@@ -275,7 +278,7 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
         store = extract_codes(net, ds, idx, layers=layers, out=run, split=store_name,
                               stats=_csv(stats), com=com, image_size=size, batch_size=batch_size,
                               device=device, seed=seeds[store_name], per_class=per_class or None,
-                              resume=resume, overwrite=overwrite, progress=not quiet,
+                              resume=resume, overwrite=overwrite, progress=not quiet, dtype=dtype,
                               meta={"skipped": int(getattr(ds, "skipped", 0)),
                                     "skipped_files": list(getattr(ds, "skipped_files", []))})
         dims = ", ".join(f"{k}:{v}" for k, v in store.dims.items())
@@ -285,6 +288,24 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
             click.echo(f"  {ds.skipped} unreadable file(s) skipped ({', '.join(names[:3])}"
                        f"{', …' if len(names) > 3 else ''}); all names in "
                        f"{run.codes_dir(store_name) / 'manifest.json'} under skipped_files")
+    note = _token_note(net, store.layers)
+    if note:
+        click.echo(note)
+
+
+def _token_note(net, layers) -> str | None:
+    """Say what CL codes are when a transformer has no CLS token (they are patch-token grids)."""
+    from .models import probe_names, token_probe_names
+
+    tok = token_probe_names(net)
+    cl = [l for l in layers if re.fullmatch(r"CL\d+", l)]
+    if not tok or not cl or any(p.startswith("CLS") for p in probe_names(net)):
+        return None
+    depth, n = len(tok), len(probe_names(net))
+    blocks = ", ".join(str(depth - n + int(l[2:])) for l in cl)
+    return (f"note: {getattr(net, 'name', 'this model')} has no CLS token: {', '.join(cl)} are "
+            f"its patch-token grids after blocks {blocks} (of {depth}); --layers TOK1-TOK{depth} "
+            "gives the mean patch token after every block")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +334,19 @@ def extract(out, model, checkpoint, pretrained, data, data_root, split, name, pe
 @SEED
 @DEVICE
 @click.option("--resume", is_flag=True, help="Keep finished maps and continue interrupted ones.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Maps fitted at once (default: one per core; 1 for tiny jobs and on a GPU).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Torch threads per map (default: 1; more only for few maps with large steps).")
+@click.option("--data-parallel", is_flag=True,
+              help="Under torchrun: split each map's data over the ranks (default: spread the maps).")
 @QUIET
 @_friendly
 @_ranked
 @click.pass_context
 def fit(ctx, out, size, layers, train_split, topology, metric, sigma, alpha, decay, epochs,
-        batch_size, mode, init, k, splits, model, data, seed, device, resume, quiet):
+        batch_size, mode, init, k, splits, model, data, seed, device, resume, workers, threads,
+        data_parallel, quiet):
     """Fit one torus SOM per layer and size; write maps, curves and top-k BMUs of every split."""
     from .som.job import fit_run
 
@@ -334,7 +362,8 @@ def fit(ctx, out, size, layers, train_split, topology, metric, sigma, alpha, dec
                     splits=_csv(splits),
                     progress=not quiet, k=k, topology=topology, metric=metric, sigma=sigma,
                     alpha=alpha, decay=decay, epochs=epochs, batch_size=batch_size, mode=mode,
-                    init=init, seed=seed, device=device)
+                    init=init, seed=seed, device=device, workers=workers, threads=threads,
+                    data_parallel=data_parallel)
     click.echo(f"{len(paths)} maps in {run.soms_dir}; curves in {run.curves_csv}; "
                f"BMUs of {', '.join(run.splits())} in {run.soms_dir / 'bmus'}")
 
@@ -454,14 +483,21 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @OUT
-@click.option("--attack", type=click.Choice(["pgd", "fgsm", "noise"]), default="pgd", show_default=True,
-              help="noise: the uniform-noise control of study 003.")
+@click.option("--attack", type=click.Choice(["pgd", "fgsm", "noise", "bim", "deepfool", "cw"]), default="pgd",
+              show_default=True, help="noise: the uniform-noise control of study 003; deepfool and cw "
+                                      "are minimal-L2 attacks (no --eps).")
 @click.option("--split", "source_split", default="som-val", show_default=True,
               help="Clean store whose images are perturbed (the perturbed store keeps its ids).")
-@click.option("--name", help="Name of the perturbed split (default: adv-pgd, adv-fgsm or noise).")
+@click.option("--name", help="Name of the perturbed split (default: adv-<attack>, or noise).")
 @click.option("--eps", default="4/255", show_default=True, help="Budget, e.g. 4/255 or 0.0157.")
-@click.option("--steps", type=int, default=50, show_default=True, help="PGD iterations.")
-@click.option("--step-size", help="PGD step (default eps*2/100, the paper's eps_iter).")
+@click.option("--steps", type=int, default=50, show_default=True,
+              help="PGD/BIM iterations, DeepFool's maximum, CW's Adam steps per search step.")
+@click.option("--step-size", help="PGD step (default eps*2/100, the paper's eps_iter); BIM: 1/255.")
+@click.option("--overshoot", type=float, default=0.02, show_default=True, help="DeepFool overshoot.")
+@click.option("--kappa", type=float, default=0.0, show_default=True, help="CW confidence.")
+@click.option("--cw-c", "cw_c", type=float, default=0.1, show_default=True, help="CW's first c.")
+@click.option("--cw-search-steps", type=int, default=5, show_default=True,
+              help="CW binary-search steps over c.")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option("--targeted", is_flag=True, help="Random target class other than the label.")
 @click.option("--symmetric", is_flag=True, help="Noise in [-eps, eps] instead of the paper's [0, eps].")
@@ -480,10 +516,11 @@ def report(out, title, size, classes, shift_kind, no_figures, quiet):
 @QUIET
 @_friendly
 @_ranked
-def attack(out, attack, source_split, name, eps, steps, step_size, norm, targeted, symmetric,
-           backend, label_source, model, checkpoint, data_root, batch_size, no_extract, seed, device,
+def attack(out, attack, source_split, name, eps, steps, step_size, overshoot, kappa, cw_c,
+           cw_search_steps, norm, targeted, symmetric, backend, label_source, model, checkpoint, data_root, batch_size, no_extract, seed, device,
            overwrite, quiet):
-    """Perturb a clean split (PGD, FGSM or the noise control), report accuracy, extract codes."""
+    """Perturb a clean split (PGD, FGSM, BIM, DeepFool, CW or the noise control), report accuracy,
+    extract codes."""
     from .attacks.job import attack_run
     from .data import load_dataset
     from .store import open_store
@@ -501,11 +538,13 @@ def attack(out, attack, source_split, name, eps, steps, step_size, norm, targete
                          step_size=None if step_size is None else _fraction(step_size, "--step-size"),
                          norm=norm, targeted=targeted, symmetric=symmetric, labels=label_source, seed=seed,
                          batch_size=batch_size, device=device, backend=backend,
+                         overshoot=overshoot, kappa=kappa, initial_const=cw_c,
+                         binary_search_steps=cw_search_steps,
                          extract=not no_extract, overwrite=overwrite, progress=not quiet)
     click.echo(json.dumps({k: summary[k] for k in ("name", "attack", "norm", "eps", "steps", "n",
                                                      "labels", "labels_note", "clean_acc",
                                                      "perturbed_acc", "success_rate",
-                                                     "success_rate_correct")
+                                                     "success_rate_correct", "converged_rate")
                            if summary.get(k) is not None}, indent=2))
     click.echo(f"perturbed images in {run.attack_dir(summary['name'])}"
                + (f"; codes in {run.codes_dir(summary['name'])}" if not no_extract else ""))

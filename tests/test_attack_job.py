@@ -146,7 +146,7 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(AttackError, match="not in dataset.*pass the dataset the split was extracted from"):
         attack_run(run, model=model, dataset=other, name="x1", device="cpu")
     with pytest.raises(AttackError, match="unknown attack"):
-        attack_run(run, model=model, dataset=ds, attack="cw", device="cpu")
+        attack_run(run, model=model, dataset=ds, attack="jsma", device="cpu")
     with pytest.raises(AttackError, match="eps must be > 0"):
         attack_run(run, model=model, dataset=ds, name="x2", eps=0.0, device="cpu", extract=False)
     with pytest.raises(AttackError, match="steps must be"):

@@ -163,3 +163,52 @@ def test_cw_against_torchattacks_cw(digits):
     assert float(res.l2[both].mean()) <= 1.05 * float(ref_l2[both].mean())
     with pytest.raises(AttackError, match="binary_search_steps"):
         cw_l2(model, x, y, binary_search_steps=0)
+
+
+# --------------------------------------------------------------------------- the attack job
+@pytest.mark.parametrize("attack", ["bim", "deepfool", "cw"])
+def test_attack_job_runs_bim_deepfool_cw(tmp_path, attack):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from somprobe.attacks.job import attack_run
+    from somprobe.data import balanced_indices, load_dataset
+    from somprobe.models import build_model
+    from somprobe.run import Run
+
+    ds = load_dataset("digits", split="test", image_size=16)
+    model = build_model("test_resnet", num_classes=10, image_size=16, seed=0)
+    idx = balanced_indices(ds.labels, 1, seed=0)
+    run = Run(tmp_path / "run")
+    s = attack_run(run, model=model, dataset=ds, indices=idx, attack=attack, eps=8 / 255, steps=3,
+                   batch_size=4, device="cpu", extract=False, binary_search_steps=2)
+    d = run.attack_dir(f"adv-{attack}")
+    images = np.load(d / "images.npy")
+    assert images.shape == (10, 3, 16, 16)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["attack"] == attack and summary["n"] == 10
+    x = ds.images(idx, 16)
+    direct = {"bim": lambda: bim(model, x[:4], torch.as_tensor(ds.labels[idx[:4]]), eps=8 / 255,
+                                 steps=3),
+              "deepfool": lambda: deepfool(model, x[:4], torch.as_tensor(ds.labels[idx[:4]]),
+                                           max_iter=3).images,
+              "cw": lambda: cw_l2(model, x[:4], torch.as_tensor(ds.labels[idx[:4]]), steps=3,
+                                  binary_search_steps=2).images}[attack]()
+    np.testing.assert_allclose(images[:4], direct.numpy(), atol=1e-6)
+    if attack == "bim":
+        assert summary["eps"] == pytest.approx(8 / 255) and summary["norm"] == "linf"
+        assert np.abs(images - x.numpy()).max() <= 8 / 255 + 1e-6
+    else:
+        assert summary["eps"] is None and summary["norm"] == "l2"
+        conv = np.load(d / "converged.npy")
+        assert conv.dtype == bool and conv.shape == (10,)
+        assert summary["converged_rate"] == pytest.approx(conv.mean())
+        if attack == "deepfool":
+            assert np.load(d / "iterations.npy").max() <= 3
+    table = pd.read_csv(run.table("attacks"))
+    assert table["attack"].tolist() == [attack]
+    with pytest.raises(AttackError, match="steps"):
+        attack_run(run, model=model, dataset=ds, indices=idx, attack=attack, steps=0,
+                   name="bad", device="cpu", extract=False)

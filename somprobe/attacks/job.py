@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 from . import core as _attacks
+from .bim import bim as _bim
+from .cw import cw_l2 as _cw_l2
+from .deepfool import deepfool as _deepfool
 from .. import distributed as dist
 from ..device import resolve_device
 from ..errors import AttackError, DistributedError, StoreError
@@ -33,7 +36,9 @@ from ..run import Run, atomic_output, atomic_write_json, save_csv, save_npy
 
 __all__ = ["attack_run", "ATTACKS", "default_name", "source_ids", "ATTACKS_TABLE_COLUMNS"]
 
-ATTACKS = ("pgd", "fgsm", "noise")
+ATTACKS = ("pgd", "fgsm", "noise", "bim", "deepfool", "cw")
+# Attacks without an eps budget (minimal-L2 attacks): their eps is None in the summary.
+UNBOUNDED = ("deepfool", "cw")
 ATTACKS_TABLE_COLUMNS = [
     "name", "attack", "norm", "eps", "steps", "n", "clean_acc", "perturbed_acc", "success_rate",
     "success_rate_correct", "labels", "backend", "seed",
@@ -41,8 +46,8 @@ ATTACKS_TABLE_COLUMNS = [
 
 
 def default_name(attack: str) -> str:
-    """Split/attack name used when none is given: ``adv-pgd``, ``adv-fgsm`` or ``noise``."""
-    return {"pgd": "adv-pgd", "fgsm": "adv-fgsm", "noise": "noise"}[attack]
+    """Split/attack name used when none is given: ``adv-<attack>``, or ``noise``."""
+    return "noise" if attack == "noise" else f"adv-{attack}"
 
 
 def _source_store(run: Run, split: str):
@@ -167,6 +172,10 @@ def attack_run(
     batch_size: int = 64,
     device="auto",
     backend: str = "builtin",
+    overshoot: float = 0.02,
+    kappa: float = 0.0,
+    initial_const: float = 0.1,
+    binary_search_steps: int = 5,
     extract: bool = True,
     layers=None,
     overwrite: bool = False,
@@ -189,7 +198,11 @@ def attack_run(
         Clean split whose ids are used when ``indices`` is None (default ``som-val``).
     name : str, optional
         Attack and split name; default ``adv-pgd`` / ``adv-fgsm`` / ``noise``.
-    attack : {"pgd", "fgsm", "noise"}
+    attack : {"pgd", "fgsm", "noise", "bim", "deepfool", "cw"}
+        BIM (:func:`somprobe.attacks.bim`, Linf, ``steps`` steps of ``step_size`` — default
+        1/255), DeepFool (:func:`somprobe.attacks.deepfool`, ``steps`` = max iterations) and
+        Carlini–Wagner L2 (:func:`somprobe.attacks.cw_l2`, ``steps`` Adam iterations per
+        binary-search step) beside
         PGD (see :func:`somprobe.attacks.pgd`), FGSM, or the uniform-noise control.
     eps, steps, step_size, norm, targeted, backend
         Attack parameters (see :func:`somprobe.attacks.pgd`); ``steps``/``step_size``/``norm``
@@ -247,6 +260,23 @@ def attack_run(
     if attack == "pgd":
         norm, eps, steps, step_size = _attacks.check_pgd_params(
             eps=eps, steps=steps, step_size=step_size, norm=norm, backend=backend)
+    elif attack == "bim":
+        eps = _attacks.check_eps(eps)
+        step_size = min(1.0 / 255.0, eps) if step_size is None else step_size
+        norm, eps, steps, step_size = _attacks.check_pgd_params(
+            eps=eps, steps=steps, step_size=step_size, norm="linf")
+    elif attack in UNBOUNDED:
+        norm, eps, step_size = "l2", None, None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise AttackError(f"steps must be an integer >= 1, got {steps!r}")
+        if attack == "deepfool":
+            _attacks._check_number("overshoot", overshoot, low=0.0, low_open=False)
+        else:
+            _attacks._check_number("kappa", kappa, low=0.0, low_open=False)
+            _attacks._check_number("initial_const", initial_const, low=0.0)
+            if isinstance(binary_search_steps, bool) or not isinstance(binary_search_steps, int) \
+                    or binary_search_steps < 1:
+                raise AttackError(f"binary_search_steps must be an integer >= 1, got {binary_search_steps!r}")
     else:
         eps = _attacks.check_eps(eps)
         norm, steps, step_size = "linf", (1 if attack == "fgsm" else 0), None
@@ -302,7 +332,7 @@ def attack_run(
         out_dir.mkdir(parents=True, exist_ok=True)
         # summary.json marks a finished attack: drop the old one first so a crash mid-way cannot
         # leave new images under an old summary.
-        for stale in ("summary.json", "targets.npy"):
+        for stale in ("summary.json", "targets.npy", "converged.npy", "iterations.npy"):
             (out_dir / stale).unlink(missing_ok=True)
 
     dist.on_main(clear_old, "clearing the old attack")
@@ -313,6 +343,9 @@ def attack_run(
         targets = np.empty(n, dtype=np.int64)
     linf = np.empty(n, dtype=np.float64)
     l2 = np.empty(n, dtype=np.float64)
+    # DeepFool: crossed within its iterations / steps taken; CW: a successful image was found.
+    converged = np.ones(n, dtype=bool)
+    iterations = np.full(n, int(steps), dtype=np.int64)
     # Under torchrun each rank attacks its own run of whole global batches (batch-aligned, so
     # each batch and its seed are what one process would use) into a shared memory-mapped file.
     mine = dist.batch_shard(n, batch_size, ranks.rank, ranks.world_size)
@@ -338,6 +371,22 @@ def attack_run(
                                       norm=norm, targeted=targeted, backend=backend)
             elif attack == "fgsm":
                 xp = _attacks.fgsm(model, x, y, eps=eps, targeted=targeted)
+            elif attack == "bim":
+                xp = _bim(model, x, y, eps=eps, steps=steps, step_size=step_size,
+                                  targeted=targeted)
+            elif attack == "deepfool":
+                res = (_deepfool(model, x, target=y, max_iter=steps, overshoot=overshoot)
+                       if targeted else
+                       _deepfool(model, x, y, max_iter=steps, overshoot=overshoot))
+                xp = res.images
+                converged[sl] = res.converged.cpu().numpy()
+                iterations[sl] = res.iterations.cpu().numpy()
+            elif attack == "cw":
+                res = _cw_l2(model, x, y, targeted=targeted, kappa=kappa, steps=steps,
+                                     initial_const=initial_const,
+                                     binary_search_steps=binary_search_steps)
+                xp = res.images
+                converged[sl] = res.success.cpu().numpy()
             else:
                 xp = _attacks.uniform_noise(x, eps=eps, symmetric=symmetric, seed=bseed)
             pp = _attacks.predict_labels(model, xp)
@@ -354,15 +403,19 @@ def attack_run(
         rows = (mine.start, mine.stop)
         parts = dist.all_gather_object((rows, used[slice(*rows)], clean_pred[slice(*rows)],
                                         pert_pred[slice(*rows)], linf[slice(*rows)], l2[slice(*rows)],
-                                        None if targets is None else targets[slice(*rows)]))
-        for (a, b), u, c, p, li, l2_, t in parts:
+                                        None if targets is None else targets[slice(*rows)],
+                                        converged[slice(*rows)], iterations[slice(*rows)]))
+        for (a, b), u, c, p, li, l2_, t, cv, it in parts:
             used[a:b], clean_pred[a:b], pert_pred[a:b], linf[a:b], l2[a:b] = u, c, p, li, l2_
+            converged[a:b], iterations[a:b] = cv, it
             if targets is not None:
                 targets[a:b] = t
 
     def save_arrays():
         for fname, arr in (("labels.npy", used), ("clean_preds.npy", clean_pred), ("preds.npy", pert_pred)) \
-                + ((("targets.npy", targets),) if targeted else ()):
+                + ((("targets.npy", targets),) if targeted else ()) \
+                + ((("converged.npy", converged), ("iterations.npy", iterations))
+                   if attack in UNBOUNDED else ()):
             save_npy(out_dir / fname, arr)
         atomic_write_json(out_dir / "ids.json", ids)
 
@@ -379,12 +432,20 @@ def attack_run(
         "name": name,
         "attack": attack,
         "norm": norm,
-        "eps": float(eps),
+        "eps": None if eps is None else float(eps),
         "steps": int(steps),
         "step_size": None if step_size is None else float(step_size),
         "targeted": bool(targeted),
         "symmetric": bool(symmetric) if attack == "noise" else None,
         "rand_init": attack == "pgd",
+        "overshoot": float(overshoot) if attack == "deepfool" else None,
+        "kappa": float(kappa) if attack == "cw" else None,
+        "binary_search_steps": int(binary_search_steps) if attack == "cw" else None,
+        "converged_rate": _rate(converged) if attack in UNBOUNDED else None,
+        "converged_note": ("DeepFool samples that did not cross within `steps` iterations are kept "
+                           "where the last step left them (converged.npy)" if attack == "deepfool" else
+                           "CW samples without a successful image keep the clean image "
+                           "(converged.npy)" if attack == "cw" else None),
         "backend": backend if attack == "pgd" else "builtin",
         "seed": int(seed),
         "n": int(n),
