@@ -32,6 +32,7 @@ FLOAT_FORMAT = "{:.4g}"
 #: Tables rendered in full (at most ``_MAX_ROWS`` rows); others are linked with their row count.
 SMALL_TABLES = ("weight_similarity", "correct_incorrect", "shift_summary", "attacks")
 SMALL_TABLES += ("detect/summary",)  # somprobe detect (issue 11)
+SMALL_TABLES += ("decoders/cards",)  # somprobe decoder (issue 9)
 _MAX_ROWS = 300
 _MAX_CELL = 300
 
@@ -48,10 +49,12 @@ SECTIONS = (
     ("attacks", "Attacks", r"^attacks?([-_].*)?$", "somprobe attack"),
     ("shifts", "BMU shifts under perturbation", r"^shifts?([-_].*)?$", "somprobe shift"),
     ("detect", "Adversarial detection", r"^detect([-_].*)?$", "somprobe detect"),  # issue 11
+    ("decoders", "Decoders: latent → image", r"^decoders([-_].*)?$", "somprobe decoder"),  # issue 9
 )
 #: Tables outside ``analysis/`` that the report shows (globs under the run root).
 TABLE_GLOBS: tuple[str, ...] = ()
 TABLE_GLOBS += ("detect/*.csv",)  # somprobe detect (issue 11)
+TABLE_GLOBS += ("decoders/*.csv",)  # somprobe decoder (issue 9)
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
 # Entries are table names or fnmatch patterns ("paths/*/table1").
 _SECTION_TABLES = {
@@ -64,6 +67,7 @@ _SECTION_TABLES = {
     "attacks": ("attacks",),
     "shifts": ("shift_summary", "shifts"),
     "detect": ("detect/summary", "detect/attacks", "detect/scores", "detect/roc"),  # issue 11
+    "decoders": ("decoders/cards",),  # issue 9
 }
 
 _CSS = """

@@ -176,6 +176,19 @@ def test_job_on_mnist5k_cards_samples_and_load(tmp_path, model):
     assert list(table.layer) == ["CL2", "CL4"] and table.loc[0, "latent_shape"] == "48x4x4"
     with pytest.raises(DecoderError, match="--overwrite"):
         train_decoders(run, "CL2", model=model, epochs=2, **_KW)
+    # figures and the report's Decoders section come from the saved cards and samples
+    from somprobe.plots import plot_run
+    from somprobe.report import render_report
+
+    other = Run(tmp_path / "other")
+    other.model_dir.mkdir(parents=True)
+    other.model_meta.write_text(json.dumps({"model": "test_resnet"}))
+    empty = render_report(other)
+    assert "Decoders" in empty and "somprobe decoder" in empty
+    names = {p.stem for p in plot_run(run)}
+    assert {"decoders-cards", "decoders-samples"} <= names
+    html = render_report(run)
+    assert "decoders/cards" in html and "fig-decoders-samples" in html and "linear_val_mse" in html
 
 
 def test_resume_equals_uninterrupted(tmp_path, model, monkeypatch):

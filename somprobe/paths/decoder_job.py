@@ -159,6 +159,19 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=int(limit), replace=False))
 
 
+def _sample_positions(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` positions for the figure: one per class first (seeded order), then any others.
+
+    Every layer of a run gets the same positions for the same val subset, so the figure shows
+    one row of originals above the reconstructions of all layers.
+    """
+    order = np.random.default_rng([seed, 11]).permutation(len(labels))
+    _, first = np.unique(labels[order], return_index=True)
+    firsts = order[np.sort(first)]
+    rest = order[~np.isin(order, firsts)]
+    return np.concatenate([firsts, rest])[:k].astype(np.int64)
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
@@ -307,13 +320,14 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
     labels = torch.from_numpy(val_data.labels[va_idx])
     clean_acc, clean_pred = _accuracy(model, x_val, labels)
     dec_acc, dec_pred = _accuracy(model, x_hat, labels)
-    k = min(int(n_samples), len(va_idx))
+    pick = torch.from_numpy(_sample_positions(labels.numpy(), int(n_samples), seed))
     run.decoders_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(run.decoder_samples(layer)) as tmp, open(tmp, "wb") as f:
-        np.savez(f, original=_to_uint8(x_val[:k]), decoded=_to_uint8(x_hat[:k]),
-                 ids=np.asarray([val_data.ids[i] for i in va_idx[:k]]), labels=labels[:k].numpy(),
-                 pred_clean=clean_pred[:k].numpy(), pred_decoded=dec_pred[:k].numpy(),
-                 classes=np.asarray(val_data.classes))
+        np.savez(f, original=_to_uint8(x_val[pick.to(x_val.device)]),
+                 decoded=_to_uint8(x_hat[pick.to(x_hat.device)]),
+                 ids=np.asarray([val_data.ids[va_idx[i]] for i in pick.tolist()]),
+                 labels=labels[pick].numpy(), pred_clean=clean_pred[pick].numpy(),
+                 pred_decoded=dec_pred[pick].numpy(), classes=np.asarray(val_data.classes))
     save_decoder(run.decoder_path(layer), decoder)
     card = {
         "layer": layer, **settings,
