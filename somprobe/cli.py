@@ -231,8 +231,9 @@ def _default_store_name(split: str) -> str:
 @click.option("--per-class", type=int, default=50, show_default=True,
               help="Samples per class (balanced, seeded); 0 takes the whole split.")
 @click.option("--layers", default="all", show_default=True,
-              help="Probes: CL1-CL4 (conv stages), CLS1-CLS12 (ViT CLS tokens), module:<dotted.name>; "
-                   "all = CL1-CL4 of a conv net, every CLS of a ViT.")
+              help="Probes: CL1-CL4 (conv stages), CLS1-CLS12 (ViT CLS tokens), TOK1-TOK12 (ViT mean "
+                   "patch token), module:<dotted.name>; all = CL1-CL4 of a conv net (patch-token grids "
+                   "of a ViT without CLS token), every CLS of a ViT.")
 @click.option("--stats", default="max,mean,std,com", show_default=True, help="Per-channel statistics.")
 @click.option("--com", type=click.Choice(["flat", "rc"]), default="flat", show_default=True,
               help="Centre of mass: one number per channel, or (row, column).")

@@ -8,6 +8,10 @@ Layer names (probes):
 * ``CL1``–``CL4``: the last four stage outputs of a conv net (timm ``feature_info`` /
   ``forward_intermediates``): ResNet stages, DenseNet dense blocks, VGG pooling stages, ...
 * ``CLS1``–``CLSn``: the CLS token after each transformer block of a ViT/DeiT-style model.
+* ``TOK1``–``TOKn``: the pooled token after each block of a timm ViT (mean over the patch tokens,
+  CLS and register tokens left out: the ``avg`` pooling of ``*_gap_*`` ViTs), so ViTs without a
+  CLS token have a per-block probe too; their ``all`` is ``CL1``–``CL4``, the patch-token grids
+  [B, D, H/p, W/p] after the last four blocks.
 * ``module:<dotted.name>``: the output of any sub-module of the timm net (forward hook).
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .device import resolve_device
 from .errors import ModelError
 
 __all__ = [
-    "resolve_device", "build_model", "NormalizedModel", "probe_names", "parse_layers",
+    "resolve_device", "build_model", "NormalizedModel", "probe_names", "token_probe_names", "parse_layers",
     "ProbedModel", "split_model", "load_state_dict", "file_sha256",
 ]
 
@@ -348,6 +352,22 @@ def _n_conv_stages(net: nn.Module) -> int:
     return min(N_CONV_PROBES, len(info))
 
 
+def _token_vit(net: nn.Module) -> bool:
+    return all(hasattr(net, a) for a in ("blocks", "patch_embed", "num_prefix_tokens",
+                                         "forward_intermediates", "forward_head"))
+
+
+def token_probe_names(model: nn.Module) -> list[str]:
+    """``TOK1..TOKn`` (pooled token after each block) for timm ViTs, with or without a CLS token;
+    empty for other nets. Valid in ``parse_layers``, not part of ``all``.
+
+    The activation is computed by :meth:`ProbedModel._token_forward`: the mean of the patch
+    tokens after block k (prefix tokens excluded), shape [B, D].
+    """
+    net = _net(model)
+    return [f"TOK{i + 1}" for i in range(len(net.blocks))] if _token_vit(net) else []
+
+
 def probe_names(model: nn.Module) -> list[str]:
     """Named probes of a model: ``CL1..CL4`` for conv nets, ``CLS1..CLSn`` for ViTs with a CLS token.
 
@@ -369,8 +389,8 @@ def parse_layers(spec: str | Sequence[str], model: nn.Module) -> list[str]:
     Parameters
     ----------
     spec : str or sequence of str
-        Comma-separated names; ``CL1-CL3`` / ``CLS2-CLS5`` are ranges. ``"all"`` means every
-        named probe of the model.
+        Comma-separated names; ``CL1-CL3`` / ``CLS2-CLS5`` / ``TOK1-TOK4`` are ranges. ``"all"``
+        means every named probe of the model (:func:`probe_names`; ``TOK`` probes only by name).
     model : nn.Module
         A :class:`NormalizedModel` (or a bare timm net).
 
@@ -389,12 +409,13 @@ def parse_layers(spec: str | Sequence[str], model: nn.Module) -> list[str]:
     if not items:
         raise ModelError("no layers given: pass e.g. --layers CL1-CL4")
     net = _net(model)
-    valid = probe_names(model)
+    named = probe_names(model)
+    valid = named + token_probe_names(model)
     modules = None
     out: list[str] = []
     for item in items:
         if item.lower() == "all":
-            names = valid
+            names = named
         elif item.startswith("module:"):
             if modules is None:
                 modules = set(_module_names(net))
@@ -412,7 +433,7 @@ def parse_layers(spec: str | Sequence[str], model: nn.Module) -> list[str]:
                     raise ModelError(f"empty layer range {item!r}: write the lower index first, e.g. {prefix}{b}-{prefix}{a}")
                 names = [f"{prefix}{i}" for i in range(a, b + 1)]
             else:
-                names = [item.upper() if re.fullmatch(r"(?i)cls?\d+", item) else item]
+                names = [item.upper() if re.fullmatch(r"(?i)(cls?|tok)\d+", item) else item]
             bad = [n for n in names if n not in valid]
             if bad:
                 raise ModelError(f"unknown layer {bad[0]!r} for {getattr(model, 'name', '') or type(net).__name__}; "
@@ -438,7 +459,7 @@ class ProbedModel(nn.Module):
     -----------------
     logits : Tensor [B, num_classes]
     acts : dict[str, Tensor]
-        ``CL``: feature map [B, C, H, W]; ``CLS``: token [B, D]; ``module:``: the module's output
+        ``CL``: feature map [B, C, H, W]; ``CLS``/``TOK``: token [B, D]; ``module:``: the module's output
         (first element if it returns a tuple).
     """
 
@@ -450,6 +471,7 @@ class ProbedModel(nn.Module):
         self._named = [l for l in self.layers if not l.startswith("module:")]
         self._modules_wanted = [l for l in self.layers if l.startswith("module:")]
         self._is_vit = _has_cls(net)
+        self._tokens = any(l.startswith("TOK") for l in self._named)
         self._n_stages = _n_conv_stages(net)
 
     def _normalize(self, x):
@@ -469,6 +491,8 @@ class ProbedModel(nn.Module):
             z = self._normalize(x)
             if not self._named:
                 logits = net(z)
+            elif self._tokens:
+                logits = self._token_forward(net, z, acts)
             elif self._is_vit:
                 idx = sorted({int(l[3:]) - 1 for l in self._named})
                 final, inter = net.forward_intermediates(z, indices=idx, return_prefix_tokens=True, norm=False)
@@ -486,6 +510,30 @@ class ProbedModel(nn.Module):
             for h in handles:
                 h.remove()
         return logits, {l: acts[l] for l in self.layers}
+
+    def _token_forward(self, net: nn.Module, z: torch.Tensor, acts: dict) -> torch.Tensor:
+        """One pass of a ViT for TOK probes (with any CLS/CL ones): every needed block's tokens.
+
+        ``TOKk`` = mean of the patch tokens after block k; ``CLSk`` = its CLS token; ``CLi`` =
+        the patch grid of the i-th of the last ``N_CONV_PROBES`` blocks (as the plain CL path).
+        """
+        depth = len(net.blocks)
+        block = {}
+        for l in self._named:
+            if l.startswith(("TOK", "CLS")):
+                block[l] = int(l[3:]) - 1
+            else:
+                block[l] = depth - self._n_stages + int(l[2:]) - 1
+        idx = sorted(set(block.values()))
+        prefix = int(net.num_prefix_tokens) > 0
+        # without prefix tokens timm returns plain grids, not (grid, prefix) pairs
+        final, inter = net.forward_intermediates(z, indices=idx, return_prefix_tokens=prefix, norm=False)
+        out = dict(zip(idx, inter if prefix else [(t, None) for t in inter]))
+        for l, b in block.items():
+            grid, pre = out[b]
+            acts[l] = (grid.mean(dim=(2, 3)) if l.startswith("TOK")
+                       else pre[:, 0] if l.startswith("CLS") else grid)
+        return net.forward_head(final)
 
 
 # --------------------------------------------------------------------------- splitting

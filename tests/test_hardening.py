@@ -361,3 +361,84 @@ def test_shift_compares_shared_ids_and_counts_the_missing(tmp_path):
     whole = s[s.perturbation == "noise"].set_index(["layer", "sample_id", "rank"])["distance"]
     assert len(part) == n_part * 10 * 2
     pd.testing.assert_series_equal(part.sort_index(), whole.loc[part.index].sort_index())
+
+
+# -- transformers without a CLS token: TOKk -------------------------------------------------------
+def _tiny_vit(name, **kw):
+    import timm
+
+    from somprobe.models import NormalizedModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = timm.create_model(name, num_classes=5, img_size=32, dynamic_img_size=True, depth=3,
+                                embed_dim=32, num_heads=2, **kw)
+    return NormalizedModel(net, name=name, image_size=32, num_classes=5).eval()
+
+
+def _tokens_after(model, x, k):
+    """Brute force: the token sequence after block k, running the blocks by hand."""
+    net = model.net
+    t = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(model.normalize(x)))))
+    for blk in net.blocks[:k]:
+        t = blk(t)
+    return t
+
+
+@pytest.mark.parametrize("name,prefix", [("vit_base_patch16_gap_224", 0),            # pure gap
+                                         ("vit_little_patch16_reg4_gap_256", 4),     # registers only
+                                         ("vit_base_patch16_224", 1)])               # CLS
+def test_tok_is_the_mean_patch_token_after_each_block(name, prefix):
+    from somprobe.models import ProbedModel, parse_layers, probe_names
+
+    m = _tiny_vit(name)
+    assert m.net.num_prefix_tokens == prefix
+    assert parse_layers("tok1-TOK3", m) == ["TOK1", "TOK2", "TOK3"]
+    assert "TOK1" not in parse_layers("all", m)  # `all` stays what it was
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layers = ["TOK1", "TOK3"] + (["CLS2"] if prefix == 1 else ["CL1", "CL3"])
+    with torch.no_grad():
+        logits, acts = ProbedModel(m, layers)(x)
+        torch.testing.assert_close(logits, m(x))
+        for k in (1, 3):
+            ref = _tokens_after(m, x, k)[:, prefix:].mean(dim=1)
+            torch.testing.assert_close(acts[f"TOK{k}"], ref, rtol=1e-5, atol=1e-5)
+            # gap ViTs: timm's own pooling of those tokens (fc_norm of their mean)
+            if m.net.global_pool == "avg":
+                own = m.net.forward_head(_tokens_after(m, x, k), pre_logits=True)
+                torch.testing.assert_close(m.net.fc_norm(acts[f"TOK{k}"]), own, rtol=1e-5, atol=1e-5)
+        # CLS / CL probes taken in the same pass equal those of their own pass
+        others = [l for l in layers if not l.startswith("TOK")]
+        _, alone = ProbedModel(m, others)(x)
+        for l in others:
+            torch.testing.assert_close(acts[l], alone[l])
+    if prefix == 1:
+        assert probe_names(m) == ["CLS1", "CLS2", "CLS3"]
+    else:
+        assert probe_names(m) == ["CL1", "CL2", "CL3"]  # patch grids of the last blocks
+
+
+def test_tok_probes_are_refused_on_conv_nets():
+    from somprobe.errors import ModelError
+    from somprobe.models import build_model, parse_layers
+
+    with pytest.raises(ModelError, match="unknown layer 'TOK1'"):
+        parse_layers("TOK1", build_model("test_resnet", num_classes=3))
+
+
+def test_extract_says_what_cl_means_without_a_cls_token(tmp_path):
+    out = tmp_path / "run"
+    base = ["extract", "--out", str(out), "--model", "vit_dwee_patch16_reg1_gap_256", "--data",
+            "digits", "--split", "val", "--per-class", "1", "--image-size", "32", "--quiet",
+            "--device", "cpu"]
+    res = CliRunner().invoke(main, base, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert ("note: vit_dwee_patch16_reg1_gap_256 has no CLS token: CL1, CL2, CL3, CL4 are its "
+            "patch-token grids after blocks 11, 12, 13, 14 (of 14)") in res.output
+    res = CliRunner().invoke(main, [*base, "--layers", "TOK1-TOK14", "--name", "tok"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and "note:" not in res.output
+    from somprobe.store import open_store
+
+    st = open_store(out / "codes" / "tok", validate=True)
+    assert st.layers == [f"TOK{i}" for i in range(1, 15)] and set(st.dims.values()) == {256}
