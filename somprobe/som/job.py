@@ -10,11 +10,13 @@ Reads ``codes/<train_split>/`` (``somprobe extract``), writes into ``soms/``::
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from somprobe.errors import SOMError
 from ..run import Run, save_csv, save_npy
@@ -98,8 +100,20 @@ def _complete(path: Path, som: SOM) -> SOM | None:
 
 
 def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None, resume=False,
-            progress=False, k=DEFAULT_K, **som_kwargs) -> list[Path]:
+            progress=False, k=DEFAULT_K, workers=None, threads=None, data_parallel=False,
+            **som_kwargs) -> list[Path]:
     """Fit one SOM per layer and grid size on a run's codes; write maps, curves and BMUs.
+
+    The maps are independent, so they are fitted side by side: by default one torch thread per
+    map and as many maps at once as there are cores (:func:`somprobe.som.parallel.plan`), in
+    worker processes. The result does not depend on ``workers``: every map is bit-identical to
+    fitting it alone with the same ``threads``.
+
+    Under ``torchrun`` (an initialised process group, or torchrun's environment, in which case
+    the group is initialised here) the maps are spread over the ranks, longest first to the
+    least-loaded rank; each rank writes its own maps and BMUs, rank 0 writes ``curves.csv``
+    after gathering every rank's curves. With ``data_parallel=True`` every rank works on every
+    map instead, on its part of the data (``SOM.fit(shard=...)``), and rank 0 writes.
 
     Parameters
     ----------
@@ -117,9 +131,17 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
         Keep maps already fitted with the same hyperparameters and continue interrupted fits
         from their per-epoch checkpoints (same final weights as an uninterrupted fit).
     progress : bool
-        tqdm bars.
+        One tqdm bar over all maps (rank 0 only under torchrun).
     k : int
         BMUs kept per sample (capped at the number of units).
+    workers : int, optional
+        Maps fitted at once on this machine (per rank under torchrun); default: the number of
+        cores, or 1 for jobs of under ~1.5 s and on a GPU.
+    threads : int, optional
+        Torch threads per map; default 1, more only when there are fewer maps than cores and
+        a step is large (batch mode, big batches).
+    data_parallel : bool
+        Under torchrun: split every map's data over the ranks instead of the maps.
     **som_kwargs
         Hyperparameters of :class:`SOM` (``topology``, ``metric``, ``sigma``, ``alpha``,
         ``decay``, ``epochs``, ``batch_size``, ``mode``, ``init``, ``seed``, ``device``).
@@ -127,8 +149,13 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
     Returns
     -------
     list of Path
-        The map files written (``run.som_path``), in layer-major order.
+        The map files (``run.som_path``) of every layer and size, in layer-major order (under
+        torchrun: of all ranks).
     """
+    from somprobe import distributed as dist
+    from somprobe.device import resolve_device
+    from somprobe.som import parallel
+
     run = run if isinstance(run, Run) else Run(run)
     grid_sizes = parse_sizes(sizes)
     train = _open(run, train_split)
@@ -137,55 +164,170 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
         raise SOMError(f"no layers to fit in {run.codes_dir(train_split)}; run `somprobe extract` first")
     if splits is None:
         splits = run.splits() or [train_split]
-    stores = {s: (train if s == train_split else _open(run, s)) for s in splits}
-
-    curves = []
-    written = []
+    for s in splits:
+        if s != train_split:
+            _open(run, s)  # a missing or incomplete split fails here, before any fitting
     combos = [(layer, m, n) for layer in layers for (m, n) in grid_sizes]
+    N = int(train.n_rows)
+    # reading each layer once here makes an unknown layer fail before any fitting (StoreError)
+    dims = {layer: int(train.codes(layer).shape[1]) for layer in layers}
+    probe = SOM(grid_sizes[0][0], grid_sizes[0][1], dims[layers[0]], **som_kwargs)  # checks hparams
+    E, B, mode = int(probe.epochs), int(probe.batch_size), probe.mode
+    costs = [parallel.map_cost(m, n, dims[layer], n_samples=N, epochs=E, batch_size=B, mode=mode)
+             for layer, m, n in combos]
+    steps = [parallel.step_flops(m, n, dims[layer], batch_size=B, mode=mode, n_samples=N)
+             for layer, m, n in combos]
+
+    ctx = dist.context()
+    if ctx.world_size > 1 and not dist.is_distributed():
+        ctx = dist.init(som_kwargs.get("device", "auto"))
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if ctx.distributed else 1
+    cores = max(1, parallel.available_cores() // local_world)
+    on_gpu = resolve_device(som_kwargs.get("device", "auto")).type != "cpu"
+
+    def spec(i, shard=None):
+        layer, m, n = combos[i]
+        return {"index": i, "root": str(run.root), "train_split": train_split, "layer": layer,
+                "m": m, "n": n, "splits": list(splits), "resume": bool(resume), "k": int(k),
+                "som_kwargs": dict(som_kwargs), "shard": shard, "n_samples": N, "epochs": E}
+
+    results: list = []
+    err = None
+    try:
+        if ctx.distributed and data_parallel:
+            p = parallel.plan(costs, steps, cores=cores, workers=1, threads=threads)
+            tasks = [spec(i, (ctx.rank, ctx.world_size)) for i in range(len(combos))]
+            results = _fit_data_parallel(tasks, p.threads if not on_gpu else None,
+                                         progress=progress and ctx.is_main, total=N * E * len(tasks))
+        else:
+            mine = list(range(len(combos)))
+            if ctx.distributed:
+                owner = parallel.assign(costs, ctx.world_size)
+                mine = [i for i in mine if owner[i] == ctx.rank]
+            mine.sort(key=lambda i: (-costs[i], i))
+            if on_gpu:  # one map at a time: the GPU is shared, the CPU threads do not matter
+                p = parallel.Plan(1, threads or torch.get_num_threads())
+            else:
+                p = parallel.plan([costs[i] for i in mine], [steps[i] for i in mine], cores=cores,
+                                  workers=workers, threads=threads)
+            parallel.run_tasks(_fit_map, [spec(i) for i in mine], workers=p.workers,
+                               threads=p.threads, total=N * E * len(mine),
+                               progress=progress and ctx.is_main, describe=_describe, into=results)
+    except BaseException as e:
+        err = e
+        if not ctx.distributed or not isinstance(e, Exception):
+            raise
+    finally:
+        if not ctx.distributed:
+            _write_results(run, combos, results)
+    if ctx.distributed:
+        _finish_ranks(run, combos, results, err)
+    return [run.som_path(layer, m, n) for layer, m, n in combos]
+
+
+def _describe(task: dict) -> str:
+    return f"{task['layer']} {task['m']}x{task['n']}"
+
+
+def _write_results(run: Run, combos, results) -> None:
+    if results:
+        order = sorted(results, key=lambda r: r[0]["index"])
+        _write_curves(run, pd.concat([c for _, c in order], ignore_index=True))
+
+
+def _finish_ranks(run: Run, combos, results, err) -> None:
+    """Gather every rank's curves and errors; rank 0 writes curves.csv; raise on every rank if
+    any rank failed (a failing rank raises its own error, the others name it)."""
+    from somprobe import distributed as dist
+    from somprobe.errors import DistributedError
+
+    msg = None if err is None else (str(err) or type(err).__name__)
+    gathered = dist.all_gather_object((msg, results))
+    everything = [r for _, res in gathered for r in res]
+    # data-parallel ranks all hold the same curves: keep one per map
+    unique = list({r[0]["index"]: r for r in everything}.values())
+    dist.on_main(lambda: _write_results(run, combos, unique), what="writing soms/curves.csv")
+    bad = [(r, m) for r, (m, _) in enumerate(gathered) if m]
+    if err is not None:
+        raise err
+    if bad:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in bad[:4])
+        raise DistributedError(f"fitting SOMs failed on {len(bad)} of {len(gathered)} ranks — "
+                               f"{detail}; maps already finished are kept: fix the cause and "
+                               "re-run with --resume")
+
+
+def _fit_data_parallel(tasks, threads, *, progress, total):
+    """Every rank fits every map, in the same order, on its part of the data."""
+    from somprobe.som.parallel import torch_threads
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(combos, desc="SOMs", unit="map")
+
+        bar = tqdm(total=total, desc="SOMs (data-parallel)", unit="sample")
+    out = []
     try:
-        for layer, m, n in combos:
-            if bar is not None:
-                bar.set_postfix_str(f"{layer} {m}x{n}")
-            X = train.codes(layer)
-            som = SOM(m, n, X.shape[1], **som_kwargs)
-            path = run.som_path(layer, m, n)
-            ckpt = som_checkpoint_path(run, layer, m, n)
-            done = _complete(path, som) if resume else None
-            if done is not None:
-                som = done
-            else:
-                if not resume:
-                    ckpt.unlink(missing_ok=True)
-                som.fit(X, progress=progress, checkpoint=ckpt, resume=resume)
-                som.save(path, meta={"layer": layer, "train_split": train_split,
-                                     "size": f"{m}x{n}", "codes": str(run.codes_dir(train_split))})
-                ckpt.unlink(missing_ok=True)
-                ckpt.with_suffix(".json").unlink(missing_ok=True)
-            written.append(path)
-            c = som.curve_.copy()
-            c.insert(0, "n", n)
-            c.insert(0, "m", m)
-            c.insert(0, "size", f"{m}x{n}")
-            c.insert(0, "layer", layer)
-            curves.append(c)
-            for split, store in stores.items():
-                if layer not in store.layers:
-                    continue
-                idx, dist = som.bmus(store.codes(layer), k=min(int(k), som.n_units))
-                save_npy(run.bmus_path(split, layer, m, n), idx)
-                save_npy(bmus_dist_path(run, split, layer, m, n), dist)
-            if bar is not None:
-                bar.update(1)
+        with torch_threads(threads or torch.get_num_threads()):
+            for task in tasks:
+                out.append((task, _fit_map(task, bar.update if bar is not None else None)))
     finally:
         if bar is not None:
             bar.close()
-        if curves:
-            _write_curves(run, pd.concat(curves, ignore_index=True))
-    return written
+    return out
+
+
+def _fit_map(task: dict, progress=None) -> pd.DataFrame:
+    """Fit (or keep, on resume) one map of a :func:`fit_run` task, write it and its BMUs.
+
+    Runs in the calling process or a worker; returns the map's curve with its layer and size.
+    """
+    from somprobe import distributed as dist
+
+    run = Run(task["root"])
+    layer, m, n, split0 = task["layer"], task["m"], task["n"], task["train_split"]
+    shard = task.get("shard")
+    writer = shard is None or shard[0] == 0
+    train = _open(run, split0)
+    X = train.codes(layer)
+    som = SOM(m, n, X.shape[1], **task["som_kwargs"])
+    path = run.som_path(layer, m, n)
+    ckpt = som_checkpoint_path(run, layer, m, n)
+    done = _complete(path, som) if task["resume"] else None
+    if done is not None:
+        som = done
+        if progress is not None:
+            progress(task["n_samples"] * task["epochs"])
+    else:
+        if not task["resume"] and writer:
+            ckpt.unlink(missing_ok=True)
+        som.fit(X, progress=progress if progress is not None else False, checkpoint=ckpt,
+                resume=task["resume"], shard=shard)
+
+    def write():
+        if done is None:
+            som.save(path, meta={"layer": layer, "train_split": split0, "size": f"{m}x{n}",
+                                 "codes": str(run.codes_dir(split0))})
+            ckpt.unlink(missing_ok=True)
+            ckpt.with_suffix(".json").unlink(missing_ok=True)
+        for split in task["splits"]:
+            store = train if split == split0 else _open(run, split)
+            if layer not in store.layers:
+                continue
+            idx, dist_ = som.bmus(store.codes(layer), k=min(int(task["k"]), som.n_units))
+            save_npy(run.bmus_path(split, layer, m, n), idx)
+            save_npy(bmus_dist_path(run, split, layer, m, n), dist_)
+
+    if shard is None:
+        write()
+    else:
+        dist.on_main(write, what=f"writing the SOM {layer} {m}x{n}")
+    c = som.curve_.copy()
+    c.insert(0, "n", n)
+    c.insert(0, "m", m)
+    c.insert(0, "size", f"{m}x{n}")
+    c.insert(0, "layer", layer)
+    return c
 
 
 def _write_curves(run: Run, new: pd.DataFrame) -> None:

@@ -298,7 +298,7 @@ class SOM:
 
     # training --------------------------------------------------------------------
     def fit(self, X, *, init_weights=None, order=None, shuffle=True, progress=False,
-            checkpoint=None, resume=False, log_every=None):
+            checkpoint=None, resume=False, log_every=None, shard=None):
         """Train the map on ``X`` [N, dim].
 
         Parameters
@@ -313,15 +313,24 @@ class SOM:
             batch map's result does not depend on the order of the samples.
         shuffle : bool
             Draw a new seeded permutation each epoch (online mode) when ``order`` is not given.
-        progress : bool
-            Show a tqdm bar.
+        progress : bool or callable
+            Show a tqdm bar; a callable is called instead with the number of samples done
+            since its last call (how a job drives one bar for many maps).
         checkpoint : path, optional
-            Written (atomically, :meth:`save` format) after every epoch.
+            Written (atomically, :meth:`save` format) after every epoch (by rank 0 only when
+            ``shard`` is given).
         resume : bool
             If ``checkpoint`` exists, continue from it instead of starting over; the result is
             the same as an uninterrupted fit.
         log_every : int, optional
             Mini-batches per row of ``curve_`` (default: about 50 rows per epoch).
+        shard : (rank, world_size), optional
+            Data-parallel fit in an initialised ``torch.distributed`` process group: every rank
+            calls ``fit`` with the same data and hyperparameters; the rank reads only its part
+            of every global mini-batch (online; a contiguous part of the data in batch mode),
+            the batch sums ``Hᵀ X`` and ``Hᵀ 1`` are all-reduced and every rank applies the same
+            update. The map equals the one-process map at the same global ``batch_size`` up to
+            the order of float additions (tests: 1e-5).
 
         Returns
         -------
@@ -329,6 +338,7 @@ class SOM:
             ``self``.
         """
         self._validate()
+        shard = self._check_shard(shard)
         dev = self._dev
         rows = _Rows(X, int(self.dim), dev)
         _check_rows(rows, self.metric)
@@ -366,7 +376,11 @@ class SOM:
         wsq = torch.empty(self.n_units, device=dev, dtype=torch.float32)
 
         bar = None
-        if progress:
+        if callable(progress):
+            bar = _Callback(progress)
+            if start_epoch:
+                bar.update(N * start_epoch)  # epochs done before the checkpoint
+        elif progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=N * E, initial=N * start_epoch, unit="sample",
                        desc=f"SOM {self.m}x{self.n}", leave=False)
@@ -380,12 +394,12 @@ class SOM:
                     else:
                         perm = None
                     self._online_epoch(W, wsq, rows, perm, sqd, epoch, log_every, curve_rows,
-                                       epoch_rows, bar)
+                                       epoch_rows, bar, shard)
                 else:
-                    self._batch_epoch(W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar)
+                    self._batch_epoch(W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar, shard)
                 self.epoch_ = epoch + 1
                 self._set_curves(curve_rows, epoch_rows)
-                if checkpoint is not None:
+                if checkpoint is not None and (shard is None or shard[0] == 0):
                     self.save(checkpoint)
         finally:
             if bar is not None:
@@ -410,7 +424,8 @@ class SOM:
             raise SOMError(f"order has indices outside [0, {N})")
         return o.astype(np.int64)
 
-    def _online_epoch(self, W, wsq, rows, perm, sqd, epoch, log_every, curve_rows, epoch_rows, bar):
+    def _online_epoch(self, W, wsq, rows, perm, sqd, epoch, log_every, curve_rows, epoch_rows, bar,
+                      shard=None):
         N, B, E = rows.n, int(self.batch_size), int(self.epochs)
         total = N * E
         n_batches = -(-N // B)
@@ -419,13 +434,25 @@ class SOM:
         t = epoch * N  # samples seen before this epoch; equals self.samples_ on a clean run
         step = 0
         chunk = rows.chunk_rows(B)
+        if shard is not None:
+            from somprobe.distributed import all_reduce_
+
+            _train._sq_norms(W, out=wsq)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
-            x = rows.take(slice(a, b) if perm is None else perm[a:b])
-            t = _train.online_pass(W, wsq, x, sqd, batch_size=B, t0=t, total=total,
-                                   alpha0=float(self.alpha), sigma0=float(self.sigma),
-                                   decay=self.decay, metric=self.metric, step0=step,
-                                   losses=losses, lrs=lrs)
+            if shard is None:
+                x = rows.take(slice(a, b) if perm is None else perm[a:b])
+                t = _train.online_pass(W, wsq, x, sqd, batch_size=B, t0=t, total=total,
+                                       alpha0=float(self.alpha), sigma0=float(self.sigma),
+                                       decay=self.decay, metric=self.metric, step0=step,
+                                       losses=losses, lrs=lrs)
+            else:
+                idx, counts, sizes = _batch_shards(a, b, B, *shard)
+                x = rows.take(idx if perm is None else perm[idx])
+                t = _train.online_pass_shared(W, wsq, x, counts, sizes, sqd, t0=t, total=total,
+                                              alpha0=float(self.alpha), sigma0=float(self.sigma),
+                                              decay=self.decay, metric=self.metric, step0=step,
+                                              losses=losses, lrs=lrs, reduce=all_reduce_)
             step = -(-b // B)
             if bar is not None:
                 bar.update(b - a)
@@ -443,7 +470,7 @@ class SOM:
         self.step_ += n_batches
         self.samples_ = t
 
-    def _batch_epoch(self, W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar):
+    def _batch_epoch(self, W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar, shard=None):
         E = int(self.epochs)
         s = _train.decay_factor(self.decay, epoch, E)
         sigma = float(self.sigma) * s
@@ -451,11 +478,25 @@ class SOM:
         num = torch.zeros_like(W)
         den = torch.zeros(self.n_units, device=W.device, dtype=torch.float32)
         loss = 0.0
-        for a, b in rows.ranges(rows.chunk_rows()):
+        mine = range(rows.n) if shard is None else _shard_range(rows.n, *shard)
+        step = rows.chunk_rows()
+        for a in range(mine.start, mine.stop, step):
+            b = min(a + step, mine.stop)
             x = rows.take(slice(a, b))
             loss += float(_train.batch_accumulate(W, wsq, x, sqd, sigma, self.metric, num, den).double().sum())
             if bar is not None:
                 bar.update(b - a)
+        if shard is not None:
+            # one message: the numerator, the denominator and the loss of this rank's rows
+            from somprobe.distributed import all_reduce_
+
+            G, D = W.shape
+            buf = torch.cat([num.reshape(-1), den, torch.tensor([loss], device=W.device,
+                                                                  dtype=torch.float32)])
+            all_reduce_(buf)
+            num, den, loss = buf[:G * D].view(G, D), buf[G * D:G * D + G], float(buf[-1])
+            if bar is not None:
+                bar.update(rows.n - len(mine))  # the other ranks' rows: the bar counts the epoch
         # A unit no sample reaches (its neighbourhood weight underflowed to 0) keeps its weights.
         ok = den > 0
         W[ok] = num[ok] / den[ok, None]
@@ -465,6 +506,25 @@ class SOM:
         curve_rows.append({"epoch": epoch + 1, "step": self.step_, "samples": self.samples_,
                            "alpha": float("nan"), "sigma": sigma, "loss": loss / N})
         epoch_rows.append({"epoch": epoch + 1, "loss": loss / N})
+
+    @staticmethod
+    def _check_shard(shard):
+        if shard is None:
+            return None
+        try:
+            rank, world = (int(v) for v in shard)
+        except (TypeError, ValueError):
+            raise SOMError(f"shard must be (rank, world_size), got {shard!r}") from None
+        if world < 1 or not 0 <= rank < world:
+            raise SOMError(f"shard: rank {rank} is not in a world of {world}")
+        if world == 1:
+            return None
+        from somprobe.distributed import is_distributed
+
+        if not is_distributed():
+            raise SOMError(f"shard={shard!r} needs an initialised process group of {world} ranks "
+                           "(run under torchrun; somprobe.distributed.init)")
+        return rank, world
 
     def _set_curves(self, curve_rows, epoch_rows):
         self.curve_ = pd.DataFrame(curve_rows, columns=CURVE_COLUMNS)
@@ -637,6 +697,37 @@ class SOM:
         som._generator.set_state(state["rng_state"])
         som._set_curves(_rows_from_columns(state["curve"]), _rows_from_columns(state["epoch_loss"]))
         return som
+
+
+class _Callback:
+    """A progress callable dressed as a tqdm bar (``update``, ``close``)."""
+
+    def __init__(self, fn):
+        self.update = fn
+
+    def close(self):
+        pass
+
+
+def _shard_range(n: int, rank: int, world: int) -> range:
+    base, extra = divmod(int(n), world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def _batch_shards(a: int, b: int, batch_size: int, rank: int, world: int):
+    """This rank's positions of the global batches in ``[a, b)`` (``a`` batch-aligned).
+
+    Each global batch is split like :func:`somprobe.distributed.shard_range`. Returns the
+    positions (int64, batch by batch), how many fall in each batch and each batch's size.
+    """
+    starts = np.arange(a, b, batch_size, dtype=np.int64)
+    sizes = np.minimum(starts + batch_size, b) - starts
+    base, extra = np.divmod(sizes, world)
+    counts = base + (rank < extra)
+    offs = starts + rank * base + np.minimum(rank, extra)
+    idx = np.repeat(offs - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    return idx, counts, sizes
 
 
 def _pair_distance(A: torch.Tensor, B: torch.Tensor, metric: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["DECAYS", "decay_factor", "online_step", "online_pass", "batch_accumulate", "bmu_scores",
+           "online_step_shared", "online_pass_shared",
            "RENORM_EVERY", "NEIGHBOURHOOD_EPS",
            "INCREMENTAL_NORMS_MAX_BATCH", "neighbourhood", "NEIGHBOURHOOD_CUTOFF"]
 
@@ -194,3 +195,71 @@ def batch_accumulate(W: torch.Tensor, wsq: torch.Tensor, chunk: torch.Tensor, sq
     num.addmm_(H.t(), chunk)
     den.add_(H.sum(0))
     return dist
+
+
+def online_step_shared(W: torch.Tensor, wsq: torch.Tensor, x: torch.Tensor, sqd: torch.Tensor,
+                       alpha: float, sigma: float, metric: str, batch_size: int, reduce) -> float:
+    """One online update of a mini-batch whose rows are split across processes (data-parallel).
+
+    The update ``W_j ← c_j W_j + α/B (Hᵀ X)_j`` with ``c_j = 1 − α/B (Hᵀ 1)_j`` depends on the
+    batch only through the sums ``Hᵀ X`` and ``Hᵀ 1``: each process computes them over its own
+    rows ``x``, ``reduce`` sums them over the processes, and every process applies the same
+    update to its copy of ``W``. Equal to :func:`online_step` on the whole batch up to the order
+    of float additions.
+
+    Parameters
+    ----------
+    W, wsq, sqd, alpha, sigma, metric
+        As in :func:`online_step` (``wsq`` is recomputed exactly after the update).
+    x : torch.Tensor [b, D]
+        This process's rows of the batch (may be empty).
+    batch_size : int
+        Rows of the whole (global) batch, ``B`` above.
+    reduce : callable
+        Sums a flat float32 tensor over the processes in place (``distributed.all_reduce_``).
+
+    Returns
+    -------
+    float
+        Sum of the BMU distances over the whole batch.
+    """
+    G, D = W.shape
+    buf = torch.zeros(G * D + G + 1, device=W.device, dtype=torch.float32)
+    if x.shape[0]:
+        St = torch.mm(W, x.t())
+        best, bmu = bmu_scores(St, wsq, metric).max(dim=0)
+        dist = _bmu_distance(best, (x * x).sum(1), metric)
+        H = neighbourhood(sqd, bmu, sigma)
+        torch.mm(H.t(), x, out=buf[:G * D].view(G, D))
+        torch.sum(H, 0, out=buf[G * D:G * D + G])
+        buf[-1] = dist.sum()
+    reduce(buf)
+    coef = alpha / batch_size
+    c = buf[G * D:G * D + G].mul(-coef).add_(1.0)
+    W.mul_(c[:, None]).add_(buf[:G * D].view(G, D), alpha=coef)
+    _sq_norms(W, out=wsq)
+    return float(buf[-1])
+
+
+def online_pass_shared(W: torch.Tensor, wsq: torch.Tensor, chunk: torch.Tensor, counts, sizes,
+                       sqd: torch.Tensor, *, t0: int, total: int, alpha0: float, sigma0: float,
+                       decay: str, metric: str, step0: int, losses: torch.Tensor, lrs: np.ndarray,
+                       reduce) -> int:
+    """:func:`online_pass` for a process that holds only its part of every global batch.
+
+    ``chunk`` is this process's rows of consecutive global batches, ``counts[i]`` how many of
+    them belong to the ``i``-th batch and ``sizes[i]`` that batch's global size. The schedule
+    (α, σ at ``t`` samples seen) follows the global batches, so every process applies the same
+    updates; returns the samples seen after the chunk.
+    """
+    t, start = t0, 0
+    for i, (cnt, size) in enumerate(zip(counts, sizes)):
+        step = step0 + i
+        s = decay_factor(decay, t, total)
+        lrs[step] = s
+        x = chunk[start:start + int(cnt)]
+        losses[step] = online_step_shared(W, wsq, x, sqd, alpha0 * s, sigma0 * s, metric,
+                                          int(size), reduce)
+        start += int(cnt)
+        t += int(size)
+    return t
