@@ -622,6 +622,73 @@ def _fraction(text: str, option: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# geometry (issue 11)
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@OUT
+@click.option("--samples", type=int, default=50, show_default=True, help="Images measured.")
+@click.option("--subspace-samples", type=int, default=100, show_default=True,
+              help="Other images whose principal directions span the shared subspace S (study: 100).")
+@click.option("--split", "data_split", help="Dataset split probed (default: the run's validation split).")
+@click.option("--data", "data_name", help="Dataset (default: the one the run's model was trained on).")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
+@click.option("--directions", type=int, default=20, show_default=True,
+              help="T random directions per point (Algorithm 2).")
+@click.option("--k", "k", type=int, default=10, show_default=True,
+              help="Principal curvatures at each end of the spectrum (Lanczos).")
+@click.option("--h", "h", type=float, default=0.05, show_default=True,
+              help="Finite-difference step of the Hessian-vector products (L2, pixel units).")
+@click.option("--method", type=click.Choice(["fd", "exact"]), default="fd", show_default=True,
+              help="fd: finite differences (ReLU nets); exact: double backprop (smooth nets).")
+@click.option("--subspace-dim", type=int, help="Dimension of S (default: input dims / 16).")
+@click.option("--hsweep", default="1e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", show_default=True,
+              help="Steps h of the sweep, comma separated ('' to skip).")
+@click.option("--batch-size", type=int, default=25, show_default=True)
+@click.option("--model", help="timm model name (default: the model trained in RUN).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@click.option("--no-figures", is_flag=True, help="Tables only.")
+@SEED
+@DEVICE
+@QUIET
+@_friendly
+def geometry(out, samples, subspace_samples, data_split, data_name, data_root, directions, k, h,
+             method, subspace_dim, hsweep, batch_size, model, checkpoint, no_figures, seed, device,
+             quiet):
+    """Study 002's decision-boundary geometry: curvature at x, at z = x + r(x) and at DeepFool's
+    image, Algorithm 2's mean curvature, the shared subspace S, noise in S vs S⊥, an h sweep."""
+    from .data import load_dataset
+    from .geometry.job import geometry_run
+
+    run = Run(out)
+    meta = json.loads(run.model_meta.read_text()) if run.model_meta.is_file() else {}
+    data_name = data_name or meta.get("dataset")
+    if data_name is None:
+        raise click.UsageError(f"no trained model in {run.model_dir} to take the dataset from: pass "
+                               "--data NAME (and --model/--checkpoint), or run `somprobe train` first")
+    _log_command(run)
+    image_size = meta.get("image_size")
+    net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=False,
+                      image_size=image_size, device=device, quiet=quiet, seed=seed)
+    ds = load_dataset(data_name, split=data_split or meta.get("val_split") or "test", root=data_root,
+                      image_size=image_size)
+    summary = geometry_run(run, model=net, dataset=ds, samples=samples,
+                           subspace_samples=subspace_samples, directions=directions, k=k, h=h,
+                           method=method, subspace_dim=subspace_dim,
+                           hsweep=_csv(hsweep, float) or (), batch_size=batch_size, device=device,
+                           seed=seed, progress=not quiet)
+    click.echo(json.dumps({key: summary[key] for key in (
+        "samples", "deepfool_converged_rate", "rho_natural", "rho_adversarial", "rho_boundary",
+        "label_recovery_adversarial", "table1", "seconds")}, indent=2))
+    if not no_figures:
+        from .plots.common import save_figure
+        from .plots.geometry import figure_jobs
+
+        paths = [save_figure(make(), run.figure(name)) for name, make in figure_jobs(run)]
+        click.echo(f"{len(paths)} figures in {run.figures_dir}")
+    click.echo(f"tables in {run.geometry_dir}")
+
+
+# ---------------------------------------------------------------------------------------------
 # detect (issue 11)
 # ---------------------------------------------------------------------------------------------
 @main.command()

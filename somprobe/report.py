@@ -32,6 +32,7 @@ FLOAT_FORMAT = "{:.4g}"
 #: Tables rendered in full (at most ``_MAX_ROWS`` rows); others are linked with their row count.
 SMALL_TABLES = ("weight_similarity", "correct_incorrect", "shift_summary", "attacks")
 SMALL_TABLES += ("detect/summary",)  # somprobe detect (issue 11)
+SMALL_TABLES += ("geometry/table1", "geometry/noise")  # somprobe geometry (issue 11)
 SMALL_TABLES += ("decoders/cards",)  # somprobe decoder (issue 9)
 _MAX_ROWS = 300
 _MAX_CELL = 300
@@ -48,12 +49,15 @@ SECTIONS = (
     ("correct", "Correct vs incorrect predictions", r"^correct-incorrect([-_].*)?$", "somprobe analyze"),
     ("attacks", "Attacks", r"^attacks?([-_].*)?$", "somprobe attack"),
     ("shifts", "BMU shifts under perturbation", r"^shifts?([-_].*)?$", "somprobe shift"),
+    ("geometry", "Decision-boundary geometry (study 002)", r"^geometry([-_].*)?$",
+     "somprobe geometry"),  # issue 11
     ("detect", "Adversarial detection", r"^detect([-_].*)?$", "somprobe detect"),  # issue 11
     ("decoders", "Decoders: latent → image", r"^decoders([-_].*)?$", "somprobe decoder"),  # issue 9
 )
 #: Tables outside ``analysis/`` that the report shows (globs under the run root).
 TABLE_GLOBS: tuple[str, ...] = ()
 TABLE_GLOBS += ("detect/*.csv",)  # somprobe detect (issue 11)
+TABLE_GLOBS += ("geometry/*.csv",)  # somprobe geometry (issue 11)
 TABLE_GLOBS += ("decoders/*.csv",)  # somprobe decoder (issue 9)
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
 # Entries are table names or fnmatch patterns ("paths/*/table1").
@@ -67,6 +71,8 @@ _SECTION_TABLES = {
     "attacks": ("attacks",),
     "shifts": ("shift_summary", "shifts"),
     "detect": ("detect/summary", "detect/attacks", "detect/scores", "detect/roc"),  # issue 11
+    "geometry": ("geometry/table1", "geometry/noise", "geometry/curvature", "geometry/eigenvalues",
+                 "geometry/projections", "geometry/hsweep"),  # issue 11
     "decoders": ("decoders/cards",),  # issue 9
 }
 

@@ -18,6 +18,7 @@ from typing import Sequence
 from ..run import Run
 from . import shifts as _shifts, som as _som
 from . import detect as _detect  # somprobe detect (issue 11)
+from . import geometry as _geometry  # somprobe geometry (issue 11)
 from . import decoders as _decoders  # somprobe decoder (issue 9)
 from .common import DPI, natural_key, natural_sorted, save_figure
 from .shifts import plot_attacks, plot_shifts
@@ -44,6 +45,7 @@ __all__ = [
 
 #: Report sections in report order; each module's ``figure_jobs`` lists the figures it can draw.
 SECTIONS = [_som, _shifts]
+SECTIONS.append(_geometry)  # boundary curvature, shared subspace (issue 11)
 SECTIONS.append(_detect)  # detection ROC / AUC (issue 11)
 SECTIONS.append(_decoders)  # latent decoders (issue 9, somprobe decoder)
 
