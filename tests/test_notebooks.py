@@ -210,3 +210,29 @@ def test_adversarial_shifts_notebook(layer_probing, tmp_path, monkeypatch):
                    .loc[clean.ids].to_numpy())
             np.testing.assert_allclose(got, expected, atol=1e-9)
             assert s["median_shift"][pert][layer] == pytest.approx(np.median(expected))
+
+
+# --------------------------------------------------------------------------- notebook 05 (issue 11)
+def test_geometry_detection_notebook(layer_probing, tmp_path, monkeypatch):
+    import pandas as pd
+
+    run = tmp_path / "run"
+    shutil.copytree(layer_probing[0], run)
+    params = dict(SMALL, RUN=str(run), SAMPLES=40, ATTACKS="fgsm,pgd", SEEDS=(0, 1),
+                  N_DIRECTIONS=2, K_CURVATURES=2)
+    nb = execute("05_geometry_detection.ipynb", params, tmp_path, monkeypatch)
+    s = summary_of(nb)
+    assert 0 < s["n_boundary"] <= 16 and s["k"] == 2
+    assert s["bottom_curvature_mean"] <= s["top_curvature_mean"]
+    assert s["attacks"] == ["fgsm", "pgd"]
+    assert s["detectors"] == sorted(["curvature", "loss_curve", "som_distance", "input_mfs",
+                                     "mahalanobis", "max_softmax"])
+    assert s["score_rows"] == 2 * 6 * 2
+    for v in s["auc"].values():
+        assert v is None or 0.0 <= v <= 1.0
+    scores = pd.read_csv(run / "detect" / "scores.csv")
+    assert len(scores) == s["score_rows"]
+    for a, n in s["n_success"].items():
+        g = scores[scores["attack"] == a]
+        assert ((g["n_train"] + g["n_test"]) == 2 * n).all()
+    assert images_shown(nb) >= 3   # curvature spectrum, rho boxes, ROC (+ AUC when any)

@@ -84,8 +84,8 @@ def class_gaussians(features, labels, *, shrinkage: str = "ledoit-wolf"):
 
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64).reshape(-1)
-    if f.ndim != 2 or f.shape[0] != y.size or y.size < 2:
-        raise DetectError(f"need features [N, D] with N >= 2 and one label each, got {f.shape} "
+    if f.ndim != 2 or f.shape[0] != y.size or y.size < 1:
+        raise DetectError(f"need features [N, D] with N >= 1 and one label each, got {f.shape} "
                           f"and {y.size} labels")
     classes, inv = np.unique(y, return_inverse=True)
     counts = np.bincount(inv).astype(np.float64)
@@ -93,6 +93,11 @@ def class_gaussians(features, labels, *, shrinkage: str = "ledoit-wolf"):
     np.add.at(means, inv, f)
     means /= counts[:, None]
     centred = f - means[inv]
+    if shrinkage not in ("ledoit-wolf", "none"):
+        raise DetectError(f"unknown shrinkage {shrinkage!r}; use 'ledoit-wolf' or 'none'")
+    if y.size < 2:
+        # one sample has no spread: every distance is 0 (the estimators would only warn)
+        return classes, means, np.zeros((f.shape[1], f.shape[1]))
     if shrinkage == "ledoit-wolf":
         est = LedoitWolf(assume_centered=True).fit(centred)
     elif shrinkage == "none":
