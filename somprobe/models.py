@@ -662,6 +662,9 @@ def _conv_stage_module(net: nn.Module, k: int) -> str:
 def _supported(model: NormalizedModel) -> str:
     probes = probe_names(model)
     named = f"{probes[0]}–{probes[-1]}" if len(probes) > 1 else (probes[0] if probes else "no named probes")
+    toks = token_probe_names(model)
+    if toks:
+        named += f", {toks[0]}–{toks[-1]}"
     return (f"this model splits at {named} and at module:<name> where that module's output alone "
             "determines the logits (a whole stage or block, e.g. module:layer2 or module:blocks.3, "
             "not a layer inside a residual branch)")
@@ -691,11 +694,14 @@ def split_model(model: NormalizedModel, layer: str, *, check: bool = True) -> tu
 
     ``tail(head(x))`` equals ``model(x)`` and gradients flow through ``tail`` to its input.
 
-    * ``CL<k>`` of timm ResNets (``conv1``…``layer4``) and ``CLS<k>`` of timm ViT/DeiT models
-      (latent = the full token sequence after block k, [B, T, D], since the tail needs every
-      token): clean splits, each part runs only its own layers.
+    * ``CL<k>`` of timm ResNets (``conv1``…``layer4``) and ``CLS<k>``/``TOK<k>`` of timm ViT/DeiT
+      models (latent = the full token sequence after block k, [B, T, D], since the tail needs
+      every token; its first token is the CLS probe, the mean of its patch tokens the TOK probe):
+      clean splits, each part runs only its own layers.
     * ``CL<k>`` of every other conv net timm lists in ``feature_info`` (ResNeXt/ByobNet, ConvNeXt,
-      RegNet, EfficientNet/MobileNet, DenseNet, VGG, ...) and ``module:<name>``: a generic
+      RegNet, EfficientNet/MobileNet, DenseNet, VGG, ...; for a ViT without CLS token the latent
+      is the token sequence of the block, not the patch grid the probe reshapes it to) and
+      ``module:<name>``: a generic
       split by forward hooks on the probed module. The head runs the net and stops right after
       the module. The tail re-runs the net on a single placeholder image with the module's
       output replaced by ``z``: the part before the module is recomputed on every call, but at
@@ -727,7 +733,8 @@ def split_model(model: NormalizedModel, layer: str, *, check: bool = True) -> tu
         raise ModelError("split_model needs a NormalizedModel: build it with somprobe.models.build_model")
     (layer,) = parse_layers(layer, model)
     net = model.net
-    if layer.startswith("CLS"):
+    if layer.startswith(("CLS", "TOK")):
+        # the tail needs every token, so CLS<k> and TOK<k> share one split: all tokens after block k
         k = int(layer[3:])
         if not all(hasattr(net, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "norm", "blocks")):
             raise ModelError(f"split_model supports {layer} only on timm VisionTransformer models, "

@@ -116,3 +116,28 @@ def test_hook_tail_equals_clean_tail_on_resnet():
     with torch.no_grad():
         z = head(_x())
         torch.testing.assert_close(_HookTail(resnet, "layer2", 32)(z), _ResNetTail(resnet, 2)(z))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("test_vit", {}),  # CLS token: TOK<k> next to CLS<k>
+    ("vit_tiny_patch16_224", {"depth": 3, "embed_dim": 32, "num_heads": 2, "patch_size": 8,
+                              "class_token": False, "global_pool": "avg"}),  # no CLS token
+])
+def test_split_vit_tok_and_gap_cl(name, overrides):
+    from somprobe.models import token_probe_names
+
+    model = _tiny(name, {**overrides, "dynamic_img_size": True})
+    x = _x()
+    p = int(model.net.num_prefix_tokens)
+    for layer in token_probe_names(model)[:3:2]:
+        head, tail = split_model(model, layer)
+        with torch.no_grad():
+            z = head(x)
+            torch.testing.assert_close(tail(z), model(x), rtol=1e-4, atol=1e-4)
+            # latent = all tokens; the mean of its patch tokens is the TOK probe
+            torch.testing.assert_close(z[:, p:].mean(1), ProbedModel(model, layer)(x)[1][layer])
+    if p == 0:  # a ViT without CLS token probes CL1-CL4 (its last blocks): hook split on the block
+        from somprobe.models import probe_names
+
+        for layer in probe_names(model)[::2]:
+            _assert_split(model, layer, x, probe=False)
