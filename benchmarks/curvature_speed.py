@@ -1,0 +1,141 @@
+"""Curvature speed: batched over samples (and classes × directions) vs a per-sample loop, one run.
+
+Two measurements on the same model, points and random directions (study 002 / issue 11):
+
+1. principal curvatures of the boundary at ``z`` (k = 10 largest and smallest eigenvalues of
+   ``P H P / ||∇F||``, batched Lanczos, finite-difference Hessian-vector products): one call for
+   all samples vs a Python loop calling it for one sample at a time (same iterations, same
+   start vectors, so the eigenvalues agree to float rounding — checked); scipy's ``eigsh`` on a
+   per-sample ``LinearOperator`` (which='BE', 2k eigenvalues) as the library reference;
+2. Algorithm 2 (``class_curvatures``, T = 20 directions, every class i != k̂): one batched call vs
+   the plain loop over samples × classes × directions (one Hessian-vector product per call).
+
+    python benchmarks/curvature_speed.py              # resnet18 (random init), 32 px, 16 samples
+    python benchmarks/curvature_speed.py --quick      # test_resnet, 16 px, 4 samples
+
+Ratio = loop time / batched time. The model is a randomly initialised resnet18 behind somprobe's
+wrapper: timings do not depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--directions", type=int, default=20)
+    p.add_argument("--loop-samples", type=int, default=None,
+                   help="samples timed in the loops (default all; fewer → time scaled per sample)")
+    p.add_argument("--eigsh-samples", type=int, default=2, help="samples timed with scipy eigsh (0: skip)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.model, a.image_size, a.samples, a.directions, a.k = "test_resnet", 16, 4, 4, 3
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from somprobe.geometry import (DEFAULT_H, Margin, class_curvatures, default_iters,
+                                   directional_curvature, principal_curvatures, projected_hvp,
+                                   random_directions)
+    from somprobe.models import build_model, resolve_device
+
+    dev = resolve_device(a.device)
+    model = build_model(a.model, num_classes=10, image_size=a.image_size, device=dev, seed=0).eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(a.samples, 3, a.image_size, a.image_size, generator=g).to(dev)
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).indices
+    F = Margin(model, top2[:, 1], top2[:, 0])
+    d = x[0].numel()
+    iters = default_iters(a.k, d)
+    n_loop = a.samples if a.loop_samples is None else min(a.loop_samples, a.samples)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"model {a.model} {a.image_size}px, d={d}, device {dev}, threads {torch.get_num_threads()}, "
+          f"{a.samples} samples, k={a.k} ({iters} Lanczos iterations), T={a.directions}")
+
+    # 1. principal curvatures ------------------------------------------------------------
+    sync(); t = time.perf_counter()
+    batched = principal_curvatures(F, x, k=a.k, seed=0)
+    sync(); t_b = time.perf_counter() - t
+    sync(); t = time.perf_counter()
+    loop_top = []
+    for b in range(n_loop):
+        Fb = Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0])
+        loop_top.append(principal_curvatures(Fb, x[b:b + 1], k=a.k, seed=0).top)
+    sync(); t_l = (time.perf_counter() - t) * a.samples / n_loop
+    # different start vectors (the batched draw is [B, d]): compare the converged extreme values
+    lt = torch.cat(loop_top)
+    diff = float((batched.top[:n_loop, 0] - lt[:, 0]).abs().max() / batched.top[:n_loop, 0].abs().max().clamp_min(1e-30))
+    print(f"principal curvatures: batched {t_b:.2f} s ({t_b / a.samples:.3f} s/sample), "
+          f"per-sample loop {t_l:.2f} s → ratio {t_l / t_b:.1f}x "
+          f"(largest eigenvalue, max relative difference {diff:.1e})")
+    if a.eigsh_samples:
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        n_e = min(a.eigsh_samples, a.samples)
+        t = time.perf_counter()
+        rel = []
+        # samples whose operator is not zero (a ReLU net can have a constant gradient over the
+        # whole finite-difference ball; ARPACK refuses a zero operator)
+        live = [b for b in range(a.samples) if float(batched.top[b, 0]) != 0.0][:n_e]
+        for b in live:
+            Fb = Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0])
+            zb = x[b:b + 1]
+            calls = [0]
+
+            def mv(v, Fb=Fb, zb=zb):
+                calls[0] += 1
+                u = torch.as_tensor(np.asarray(v).reshape(1, 1, *zb.shape[1:]), dtype=zb.dtype, device=dev)
+                return projected_hvp(Fb, zb, u, h=DEFAULT_H).reshape(-1).double().cpu().numpy()
+
+            op = LinearOperator((d, d), matvec=mv, dtype=np.float64)
+            vals = eigsh(op, k=2 * a.k, which="BE", tol=1e-4, return_eigenvectors=False,
+                         v0=np.random.default_rng(0).standard_normal(d))
+            rel.append(float(np.abs(np.sort(vals)[-1] - float(batched.top[b, 0])) / abs(float(batched.top[b, 0]))))
+        t_e = (time.perf_counter() - t) * a.samples / max(len(live), 1)
+        print(f"  scipy eigsh per sample (which='BE', tol 1e-4, {calls[0]} matvecs for the last): "
+              f"{t_e:.2f} s for {a.samples} samples (extrapolated from {n_e}) → ratio {t_e / t_b:.1f}x; "
+              f"largest eigenvalue vs batched Lanczos: max relative difference {max(rel):.1e}")
+
+    # 2. Algorithm 2 ----------------------------------------------------------------------
+    dirs = random_directions(a.samples, a.directions, x.shape[1:], seed=3, device=dev)
+    sync(); t = time.perf_counter()
+    cc = class_curvatures(model, x, directions=dirs)
+    sync(); t_b2 = time.perf_counter() - t
+    sync(); t = time.perf_counter()
+    with torch.no_grad():
+        k_hat = model(x).argmax(1)
+    loop_pc = torch.full((n_loop, 10), float("nan"))
+    for b in range(n_loop):
+        for i in range(10):
+            if i == int(k_hat[b]):
+                continue
+            Fi = Margin(model, torch.tensor([i], device=dev), k_hat[b:b + 1])
+            vals = [directional_curvature(Fi, x[b:b + 1], dirs[b:b + 1, j:j + 1]) for j in range(a.directions)]
+            loop_pc[b, i] = torch.cat(vals, 1).mean().cpu()
+    sync(); t_l2 = (time.perf_counter() - t) * a.samples / n_loop
+    diff2 = float(torch.nanmean((loop_pc - cc.per_class[:n_loop].cpu()).abs()) /
+                  torch.nanmean(cc.per_class[:n_loop].abs().cpu()))
+    print(f"Algorithm 2 (T={a.directions}, 9 classes): batched {t_b2:.2f} s ({t_b2 / a.samples:.3f} s/sample), "
+          f"loop over samples x classes x directions {t_l2:.2f} s → ratio {t_l2 / t_b2:.1f}x "
+          f"(mean relative difference {diff2:.1e})")
+
+
+if __name__ == "__main__":
+    main()
