@@ -309,7 +309,7 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
             bar.close()
     if errors:
         task, e = errors[0]
-        if isinstance(e, cf.process.BrokenProcessPool):
+        if isinstance(e, cf.BrokenExecutor):
             raise SOMError(f"the worker process fitting {describe(task)} died ({e}); maps already "
                            "finished are kept: re-run with --resume (or --workers 1 to fit in "
                            "this process)") from e
