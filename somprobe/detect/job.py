@@ -41,14 +41,16 @@ __all__ = ["detect_run", "ATTACKS", "DETECTORS", "ATTACK_DEFAULTS", "SCORES_COLU
 
 ATTACKS = ("fgsm", "bim", "pgd", "deepfool", "cw")
 DETECTORS = ("curvature", "loss_curve", "som_distance", "input_mfs", "mahalanobis", "max_softmax")
-#: Attack settings of the benchmark (Harder et al.'s Linf budget 8/255 for FGSM/BIM/PGD; PGD with
-#: 20 steps of 2/255 from a random start; DeepFool and CW with attack_run's own defaults).
+#: Attack settings of the benchmark: Harder et al.'s Linf budget 8/255 for FGSM, BIM and PGD; BIM
+#: 10 steps of 1/255 (Kurakin et al.'s rule, min(eps + 4, 1.25 eps) steps in /255 units); PGD 20
+#: steps of 2/255 from a random start; DeepFool (overshoot 0.02, at most 50 iterations) and
+#: Carlini-Wagner L2 (3 binary-search steps × 50 Adam iterations) as attack_run runs them.
 ATTACK_DEFAULTS = {
     "fgsm": {"eps": 8 / 255},
-    "bim": {"eps": 8 / 255},
+    "bim": {"eps": 8 / 255, "steps": 10, "step_size": 1 / 255},
     "pgd": {"eps": 8 / 255, "steps": 20, "step_size": 2 / 255},
-    "deepfool": {},
-    "cw": {},
+    "deepfool": {"steps": 50, "overshoot": 0.02},
+    "cw": {"steps": 50, "binary_search_steps": 3},
 }
 SCORES_COLUMNS = ["attack", "detector", "seed", "n_train", "n_test", "auc", "accuracy",
                   "tpr_at_5fpr", "label_recovery"]
