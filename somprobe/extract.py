@@ -66,17 +66,6 @@ def _check_finite(name: str, t: torch.Tensor, ids: Sequence[str]) -> None:
                      "weights (--checkpoint) and the input images of these samples")
 
 
-def _rows_completed(path) -> int:
-    mpath = os.path.join(path, "manifest.json")
-    if not os.path.isfile(mpath):
-        return 0
-    try:
-        with open(mpath) as f:
-            return int(json.load(f).get("rows_completed", 0))
-    except (OSError, ValueError):
-        return 0  # StoreWriter reports the corrupt manifest properly
-
-
 def _finished_store(path, params: Mapping, layers: Sequence[str], ids: Sequence[str]) -> CodeStore | None:
     """The complete store at ``path`` when it holds exactly this extraction, else None.
 
@@ -95,8 +84,10 @@ def _finished_store(path, params: Mapping, layers: Sequence[str], ids: Sequence[
     want = dict(params, layers=list(layers), n_rows=len(ids), ids_sha256=_ids_digest(ids))
     want = json.loads(json.dumps(want, default=_json_default))
     diffs = [k for k in sorted(want) if k not in _VOLATILE and old.get(k) != want[k]]
+    if old.get("dtype", "float32") != want.get("dtype", "float32") and "dtype" not in diffs:
+        diffs.append("dtype")  # absent means float32 (issue 12), so compare it both ways
     if diffs:
-        detail = "; ".join(f"{k}: stored {old.get(k)!r} vs now {want[k]!r}" for k in diffs[:5])
+        detail = "; ".join(f"{k}: stored {old.get(k)!r} vs now {want.get(k)!r}" for k in diffs[:5])
         raise StoreError(f"cannot resume {path}: it holds a complete code store made with other "
                          f"parameters ({detail}); run with the same parameters or pass --overwrite")
     return CodeStore(path)
@@ -106,7 +97,8 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
             out, stats: str | Sequence[str] = STATS, com: str = "flat", batch_size: int = 64,
             device: str | torch.device = "auto", split: str | None = None, seed: int | None = 0,
             image_size: int | None = None, per_class: int | None = None, resume: bool = False,
-            overwrite: bool = False, progress: bool = False, meta: Mapping | None = None) -> CodeStore:
+            overwrite: bool = False, progress: bool = False, meta: Mapping | None = None,
+            dtype: str = "float32") -> CodeStore:
     """Extract the vector codes of ``layers`` for ``dataset[indices]`` into a code store.
 
     One forward pass per batch serves every layer (:class:`~somprobe.models.ProbedModel`);
@@ -149,6 +141,9 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
         tqdm bar over batches.
     meta : mapping, optional
         Extra manifest entries (JSON-serialisable); part of the resume check.
+    dtype : {"float32", "float16"}
+        Storage of the codes: float16 halves the disk (readers get float32 back; see README
+        "Scaling" for what it changes in the maps). Codes beyond ±65504 are refused.
 
     Returns
     -------
@@ -200,6 +195,8 @@ def extract(model: NormalizedModel, dataset, indices=None, *, layers: str | Sequ
     }
     if meta:
         params.update(dict(meta))
+    if dtype != "float32":  # absent = float32, so stores made before the option still resume
+        params["dtype"] = str(dtype)
     if resume and not overwrite:
         done = _finished_store(path, params, layer_list, ids)
         if done is not None:
@@ -279,19 +276,29 @@ def _fill_store(path, run_batch, *, n, batch_size, ids, labels, params, resume, 
     mine = dist.batch_shard(n, batch_size, ctx.rank, ctx.world_size)
     first = {}
 
-    def create():
-        # the store needs each layer's width before the first write, so a first batch runs first
+    def first_batch():
+        # the store needs each layer's width before the first write, so a first batch runs
+        # before it is created; every rank runs its own now, at the same time as rank 0
         todo = _pieces(mine, batch_size, done_intervals(path) if cont else [])
-        piece = todo[0] if todo else (0, 1)
-        first[piece] = run_batch(*piece)
-        dims = {k: int(v.shape[1]) for k, v in first[piece][0].items()}
-        return StoreWriter(path, layers_dims=dims, n_rows=n, manifest=params, ids=ids,
-                           resume=resume, overwrite=overwrite)
+        piece = todo[0] if todo else ((0, 1) if ctx.is_main else None)
+        if piece is not None:
+            first[piece] = run_batch(*piece)
+        return piece
 
+    def create():
+        codes = first[first_batch()][0]
+        return StoreWriter(path, layers_dims={k: int(v.shape[1]) for k, v in codes.items()},
+                           n_rows=n, manifest=params, ids=ids, resume=resume, overwrite=overwrite)
+
+    err = None
+    if ctx.distributed and not ctx.is_main:
+        try:
+            first_batch()
+        except SomprobeError as e:
+            err = str(e)
     writer = dist.on_main(create, "creating the code store")
     if ctx.distributed:
-        err = None
-        if not ctx.is_main:
+        if not ctx.is_main and err is None:
             try:
                 writer = StoreWriter.attach(path, manifest=params, ids=ids)
             except SomprobeError as e:

@@ -46,6 +46,8 @@ IDS = "ids.json"
 LABELS = "labels.npy"
 PREDS = "preds.npy"
 PROGRESS_GLOB = "progress-rank*.json"
+# float16 halves the disk of large stores (manifest "dtype"; absent = float32); readers widen
+CODE_DTYPES = ("float32", "float16")
 # Fields that legitimately change between the first attempt and a resumed one.
 _VOLATILE = {"rows_completed", "complete", "created", "updated", "versions", "elapsed_s"}
 _CHUNK_BYTES = 16 << 20
@@ -186,6 +188,8 @@ class StoreWriter:
         if len(set(files.values())) != len(files):
             raise StoreError(f"layer names {list(files)} map to the same file name; rename the probes")
         self._params = dict(manifest)
+        if str(self._params.get("dtype", "float32")) not in CODE_DTYPES:
+            raise StoreError(f"code dtype {self._params['dtype']!r} is not one of {', '.join(CODE_DTYPES)}")
         self._params.update({
             "format_version": FORMAT_VERSION,
             "layers": list(self.layers_dims),
@@ -238,7 +242,8 @@ class StoreWriter:
             p.unlink(missing_ok=True)
 
     def _arrays(self) -> dict[str, tuple[Path, np.dtype, tuple]]:
-        out = {layer: (self.path / layer_file(layer), np.dtype(np.float32), (self.n_rows, d))
+        code_dtype = np.dtype(self._params.get("dtype", "float32"))
+        out = {layer: (self.path / layer_file(layer), code_dtype, (self.n_rows, d))
                for layer, d in self.layers_dims.items()}
         out[LABELS] = (self.path / LABELS, np.dtype(np.int64), (self.n_rows,))
         out[PREDS] = (self.path / PREDS, np.dtype(np.int64), (self.n_rows,))
@@ -292,6 +297,9 @@ class StoreWriter:
     # -- writing ----------------------------------------------------------------------------
     def _put(self, key: str, start: int, arr: np.ndarray) -> None:
         p, dtype, shape = self._arrays()[key]
+        if dtype == np.float16 and np.abs(arr).max(initial=0) > np.finfo(np.float16).max:
+            raise StoreError(f"codes of {key} exceed float16's range (±65504): extract with "
+                             "--dtype float32")
         arr = np.asarray(arr, dtype=dtype)
         if arr.shape[1:] != shape[1:]:
             raise StoreError(f"{key}: rows of shape {arr.shape[1:]} do not fit {p.name} of width {shape[1:]}")
@@ -476,7 +484,7 @@ class CodeStore:
                                      f"{self.ids[bad]!r}); re-run `somprobe extract --overwrite`")
         self._checked.add(str(p))
 
-    def codes(self, layer: str, mmap: bool = True) -> np.ndarray:
+    def codes(self, layer: str, mmap: bool = True, *, widen: bool = True) -> np.ndarray:
         """Codes of one layer, float32 [N, D], validated (shape, dtype, finiteness).
 
         Parameters
@@ -484,13 +492,20 @@ class CodeStore:
         layer : str
         mmap : bool
             Memory-map the file read-only instead of loading it (default).
+        widen : bool
+            For a store extracted with ``dtype="float16"``: return float32 (loaded in memory,
+            the default) or the float16 memory map as it is (``widen=False``; the SOM reads it
+            chunk by chunk as float32). float32 stores ignore it.
         """
         if layer not in self.manifest["dims"]:
             raise StoreError(f"layer {layer!r} is not in {self.path}; stored layers: {', '.join(self.layers)}; "
                              "extract it with `somprobe extract --layers ...`")
         p = self.path / self.manifest["files"][layer]
-        arr = self._load(p, np.float32, (self.n_rows, int(self.manifest["dims"][layer])), mmap)
+        dtype = np.dtype(self.manifest.get("dtype", "float32"))
+        arr = self._load(p, dtype, (self.n_rows, int(self.manifest["dims"][layer])), mmap)
         self._check_finite(p, arr)
+        if dtype != np.float32 and widen:
+            return np.asarray(arr, dtype=np.float32)
         return arr
 
     @property

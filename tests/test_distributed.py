@@ -317,3 +317,31 @@ def test_killed_rank_named_then_torchrun_resume_completes(tmp_path, reference):
     log = (tmp_path / "run" / "commands.txt").read_text().splitlines()
     assert len(log) == 1 and "--resume" in log[0]
     _assert_same_store(reference.codes_dir("som-tr"), store)
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 storage
+# ---------------------------------------------------------------------------------------------
+def test_float16_store_halves_disk_and_reads_back_float32(tmp_path, reference):
+    from somprobe.errors import StoreError
+    from somprobe.extract import extract
+
+    model, ds, idx = _setup()
+    half = extract(model, ds, idx, out=tmp_path / "h", split="som-tr", dtype="float16", **_extract_kw())
+    full = open_store(reference.codes_dir("som-tr"))
+    assert half.manifest["dtype"] == "float16" and "dtype" not in full.manifest
+    for layer in full.layers:
+        a, b = full.codes(layer), half.codes(layer)
+        assert b.dtype == np.float32 and half.codes(layer, widen=False).dtype == np.float16
+        np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32))  # round to nearest
+        on_disk = [(s.path / s.manifest["files"][layer]).stat().st_size for s in (full, half)]
+        assert on_disk[1] < 0.51 * on_disk[0]
+    np.testing.assert_array_equal(half.preds, full.preds)
+    with pytest.raises(StoreError, match=r"other parameters \(dtype"):  # float16 is part of the resume check
+        extract(model, ds, idx, out=tmp_path / "h", split="som-tr", resume=True, **_extract_kw())
+    from somprobe.store import StoreWriter
+
+    w = StoreWriter(tmp_path / "big", layers_dims={"CL1": 2}, n_rows=1, ids=["a"],
+                    manifest={"dtype": "float16"})
+    with pytest.raises(StoreError, match="exceed float16's range.*--dtype float32"):
+        w.write(0, {"CL1": np.array([[1.0, 7e4]], dtype=np.float32)}, [0], [0])
