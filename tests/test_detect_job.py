@@ -115,3 +115,18 @@ def test_curvature_in_the_benchmark_recovers_labels(trained, tmp_path):
     assert np.isnan(s.loc["max_softmax", "label_recovery"])
     f = np.load(run.detect_dir / "features" / "curvature" / "clean.npz")["features"]
     assert f.shape[1] == 10 and (np.isnan(f).sum(1) == 1).all()   # NaN at the predicted class
+
+
+def test_figures_and_report_section(trained):
+    from somprobe.plots import SECTIONS, detect as detect_plots, plot_run
+    from somprobe.report import render_report
+
+    if not (trained.detect_dir / "scores.csv").is_file():
+        detect_run(trained, attacks="fgsm", detectors="input_mfs,max_softmax", **FAST)
+    assert detect_plots in SECTIONS
+    written = {p.stem for p in plot_run(trained)}
+    assert {"detect-roc", "detect-auc"} <= written
+    html = render_report(trained)
+    assert "Adversarial detection" in html and "detect/summary" in html
+    # a run without the benchmark says which command makes it
+    assert "somprobe detect" in render_report(_copy_model(trained, trained.root.parent / "r2"))
