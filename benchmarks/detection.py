@@ -39,9 +39,9 @@ from _real_run import add_run_arguments, md_table, prepare, set_threads, text_ta
 
 
 def _pm(mean, sd, digits=3) -> str:
-    if mean != mean:
+    if np.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f}" + ("" if sd != sd else f" ± {sd:.{digits}f}")
+    return f"{mean:.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
 def main(argv=None) -> int:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     def say(msg):
         print(f"» {msg}", file=sys.stderr, flush=True)
 
-    run, meta, net, _draws, timings = prepare(a, say)
+    run, meta, _net, _draws, timings = prepare(a, say)
     print(f"run {run.root}: {meta['model']} on {meta['dataset']} (val accuracy "
           f"{meta.get('final_val_accuracy', float('nan')):.4f}); torch threads {threads}; "
           f"machine shared with other jobs")
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         if len(ok):
             best = ok.iloc[0]
             tied = [d for _, d in ok.iloc[1:].iterrows()
-                    if best["auc_mean"] - d["auc_mean"] <= (best["auc_sd"] if best["auc_sd"] == best["auc_sd"] else 0)]
+                    if best["auc_mean"] - d["auc_mean"] <= np.nan_to_num(best["auc_sd"])]
             winners[attack] = (best["detector"], best["auc_mean"], [d["detector"] for d in tied])
     for attack, r in att.iterrows():
         print(f"{attack}: {r['n_success']} successful of {r['n_correct']} correctly classified "
@@ -112,13 +112,13 @@ def main(argv=None) -> int:
         return s["auc_mean"].get((attack, det), np.nan)
     for attack in [x for x in ("pgd", "bim", "cw") if x in att.index]:
         lc, mfs, mah = auc(attack, "loss_curve"), auc(attack, "input_mfs"), auc(attack, "mahalanobis")
-        if lc == lc:
-            held = lc > np.nanmax([mfs, mah]) if (mfs == mfs or mah == mah) else None
+        if not np.isnan(lc):
+            held = lc > np.nanmax([mfs, mah]) if not (np.isnan(mfs) and np.isnan(mah)) else None
             print(f"  study 000 on {attack}: loss curve {lc:.3f} vs InputMFS {mfs:.3f}, Mahalanobis "
                   f"{mah:.3f} → {'holds' if held else 'does not hold'}")
     for attack in att.index:
         cv = auc(attack, "curvature")
-        if cv == cv:
+        if not np.isnan(cv):
             rec = s["label_recovery_mean"].get((attack, "curvature"), np.nan)
             chance = 1.0 / max(int(meta.get("num_classes", 10)) - 1, 1)
             print(f"  study 002 on {attack}: curvature AUC {cv:.3f} (> 0.5: "

@@ -712,6 +712,8 @@ def geometry(out, samples, subspace_samples, data_split, data_name, data_root, d
 def detect(out, attacks, detectors, seeds, samples, split, eps, batch_size, no_figures, device,
            resume, quiet):
     """Adversarial detection benchmark: AUC, accuracy, TPR at 5 % FPR per attack × detector × seed."""
+    import pandas as pd
+
     from .detect.job import detect_run
 
     run = Run(out)
@@ -730,8 +732,8 @@ def detect(out, attacks, detectors, seeds, samples, split, eps, batch_size, no_f
                    f"classified" + ("  (n=0: no pairs, metrics empty)" if a["n_success"] == 0 else ""))
     summ = res["summary"]
     if len(summ):
-        cell = summ.apply(lambda r: "" if r["auc_mean"] != r["auc_mean"] else
-                          f"{r['auc_mean']:.3f}" + ("" if r["auc_sd"] != r["auc_sd"] else
+        cell = summ.apply(lambda r: "" if pd.isna(r["auc_mean"]) else
+                          f"{r['auc_mean']:.3f}" + ("" if pd.isna(r["auc_sd"]) else
                                                     f"±{r['auc_sd']:.3f}"), axis=1)
         table = summ.assign(auc=cell).pivot(index="detector", columns="attack", values="auc")
         table = table.reindex(index=list(dict.fromkeys(summ["detector"])),
@@ -805,6 +807,126 @@ def convexity(out, name, spaces, ks, trials, per_class, alpha, data, data_split,
     for row in summary["summary"]:
         click.echo(f"{row['space']:>8}  k={row['k']:<3} share in class {row['share_in_class']:.3f} "
                    f"(n={row['n']})")
+    click.echo(f"tables in {run.paths_dir(name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# connect (paths between same-class inputs, study 001)
+# ---------------------------------------------------------------------------------------------
+def _spring(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number (use inf for equal-spacing redistribution)",
+                                 param_hint="--spring")
+    if not value >= 0:
+        raise click.BadParameter("must be >= 0 (inf for equal-spacing redistribution)", param_hint="--spring")
+    return value
+
+
+# Options of the barrier bypass and region paths (issue 10); None = the method's default
+# (somprobe.paths.job.METHODS["barrier" | "regions"].options).
+_BYPASS_OPTIONS = [
+    click.option("--delta", type=float, help="barrier: barrier-gap threshold δ (default 0.001, study 000)."),
+    click.option("--iters", type=int, help="barrier: Adam budget per barrier point (default 256; study 256-2048)."),
+    click.option("--barrier-lr", type=float, help="barrier: Adam step on the points (default 0.01)."),
+    click.option("--lambda-l2", type=float, help="barrier: weight of mean((B-B0)^2) (default 1.0)."),
+    click.option("--lambda-hf", type=float, help="barrier: weight of the high-frequency penalty (default 0.05)."),
+    click.option("--hf", type=click.Choice(["tv", "laplacian"]), help="barrier: total variation (default) or Laplacian energy."),
+    click.option("--max-depth", type=int, help="barrier: rounds of recursion allowed (default 5)."),
+    click.option("--ends", type=click.Choice(["optimise", "skip", "keep"]),
+                 help="barrier: ends above --end-tol are optimised to low loss (default), skipped or kept."),
+    click.option("--end-tol", type=float, help="barrier: highest loss an end may have (default 0.1)."),
+    click.option("--barrier-points", type=int, help="barrier: points of each segment's loss curve (default 33)."),
+    click.option("--spacing", type=float, help="regions: check spacing as a fraction of |a-b| (default 1e-4, study 002)."),
+    click.option("--margin", type=float, help="regions: logit lead a projected midpoint must reach (default 0.1)."),
+    click.option("--overshoot", type=float, help="regions: DeepFool overshoot (default 0.02)."),
+    click.option("--proj-steps", type=int, help="regions: DeepFool steps per projection (default 50)."),
+    click.option("--region-depth", type=int, help="regions: recursion depth allowed (default 10)."),
+    click.option("--recurse", type=click.Choice(["both", "invalid"]),
+                 help="regions: recurse on both halves (Algorithm 1, default) or only the invalid ones."),
+]
+
+
+def _bypass_options(fn):
+    for opt in reversed(_BYPASS_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@OUT
+@click.option("--name", default="default", show_default=True, help="Folder under RUN/paths/.")
+@click.option("--space", "spaces", default="input", show_default=True,
+              help="Spaces, comma separated: input, CL1-CL4, CLS<k>, module:<name>.")
+@click.option("--pairs", "n_pairs", type=int, default=25, show_default=True, help="Pairs to join.")
+@click.option("--pair-source", default="same-class", show_default=True,
+              help="same-class, adversarial:<attack name> (clean image of class c + perturbed image "
+                   "predicted c), noise-adversarial (clean image + noise moved into its class by "
+                   "DeepFool), noise-optimal (both ends optimised from Gaussian noise to a class), "
+                   "or a CSV file with id_a,id_b[,class].")
+@click.option("--method", "methods", default="linear,neb", show_default=True,
+              help="Path methods, comma separated: linear, neb, barrier (study 000), regions "
+                   "(study 002), and any registered in paths.job.METHODS.")
+@click.option("--pivots", type=int, default=10, show_default=True, help="NEB pivots between the ends.")
+@click.option("--steps", type=int, default=100, show_default=True, help="NEB step budget.")
+@click.option("--spring", default="inf", show_default=True,
+              help="NEB spring constant k; inf = redistribute pivots to equal spacing after each step.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="NEB step relative to the pair's RMS coordinate difference.")
+@click.option("--tol", type=float, default=0.1, show_default=True,
+              help="NEB stops for a pair when every pivot's cross-entropy is below this.")
+@click.option("--points", type=int, default=100, show_default=True,
+              help="Points checked along the line and along each NEB segment.")
+@click.option("--max-pool", type=int, default=2000, show_default=True,
+              help="Pairs are drawn from a seeded subset of at most this many clean images.")
+@click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on).")
+@click.option("--split", "data_split", default="test", show_default=True, help="Dataset split the clean images come from.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
+@click.option("--model", help="timm model name (default: the model trained in RUN).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@SEED
+@DEVICE
+@click.option("--resume", is_flag=True, help="Keep the space × method results already written, do the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an experiment of the same name.")
+@_bypass_options
+@QUIET
+@_friendly
+def connect(out, name, spaces, n_pairs, pair_source, methods, pivots, steps, spring, optimizer, lr, tol,
+            points, max_pool, data, data_split, data_root, model, checkpoint, seed, device, resume,
+            overwrite, quiet, **bypass):
+    """Join same-class (or natural–adversarial) pairs by straight and NEB paths in pixel space and
+    latents (study 001) → RUN/paths/NAME/ (pairs.csv, paths.csv, table1.csv, profiles.csv, points/)."""
+    from .data import load_dataset
+    from .paths.job import connect_run
+
+    run = Run(out)
+    _log_command(run)
+    data = data or _trained_on(run)
+    if data is None:
+        raise click.UsageError(f"no trained model in {run.model_dir} to take the dataset from: pass --data NAME")
+    net = _load_model(run, model=model, checkpoint=checkpoint, pretrained=False, image_size=None,
+                      device=device, quiet=quiet, seed=seed)
+    ds = load_dataset(data, split=data_split, root=data_root, image_size=getattr(net, "image_size", None))
+    options = dict(pivots=pivots, steps=steps, spring=_spring(spring), optimizer=optimizer, lr=lr, tol=tol,
+                   points=points)
+    options.update({k: v for k, v in bypass.items() if v is not None})
+    summary = connect_run(run, model=net, dataset=ds, name=name, spaces=_csv(spaces) or ["input"],
+                          n_pairs=n_pairs, pair_source=pair_source, methods=_csv(methods) or ["linear"],
+                          options=options, max_pool=max_pool, seed=seed, device=device, resume=resume,
+                          overwrite=overwrite, progress=not quiet)
+    c = summary["counts"]
+    skipped = {k: v for k, v in c.items() if k in ("misclassified", "unsuccessful", "no_clean_partner",
+                                                    "different_class") and v}
+    if skipped:
+        _say(quiet, "skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+    click.echo(f"{summary['pairs']} pairs; Table 1 (linear / nonlinear only / no path):")
+    for row in summary["table1"]:
+        nl = "-" if row["nonlinear_only"] is None else row["nonlinear_only"]
+        nop = "-" if row["no_path"] is None else row["no_path"]
+        click.echo(f"{row['space']:>12}  {row['linear']} / {nl} / {nop}"
+                   + (f"  ({row['failed']} failed)" if row["failed"] else ""))
     click.echo(f"tables in {run.paths_dir(name)}")
 
 

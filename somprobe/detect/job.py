@@ -35,6 +35,7 @@ import torch
 from ..errors import AnalysisError, DetectError
 from ..run import Run, atomic_output, atomic_write_json, save_csv
 from . import metrics as _m
+from .base import eval_mode
 
 __all__ = ["detect_run", "ATTACKS", "DETECTORS", "ATTACK_DEFAULTS", "SCORES_COLUMNS",
            "SUMMARY_COLUMNS", "build_detector", "som_context", "attack_name"]
@@ -287,11 +288,9 @@ def detect_run(run, *, attacks=ATTACKS, detectors=DETECTORS, seeds=(0, 1, 2), n:
     ids = [str(dataset.ids[i]) for i in pool]
     labels = np.asarray(dataset.labels, dtype=np.int64)[pool]
     clean_x = dataset.images(pool, size)
-    with torch.no_grad():
-        from .base import eval_mode
-        with eval_mode(model):
-            preds = torch.cat([model(clean_x[s:s + 256].to(dev)).argmax(1).cpu()
-                               for s in range(0, len(pool), 256)]).numpy()
+    with torch.no_grad(), eval_mode(model):
+        preds = torch.cat([model(clean_x[s:s + 256].to(dev)).argmax(1).cpu()
+                           for s in range(0, len(pool), 256)]).numpy()
     correct = preds == labels
     atomic_write_json(run.detect_dir / "samples.json", {
         "dataset": meta["dataset"], "split": split, "n": int(n), "sample_seed": int(sample_seed),
