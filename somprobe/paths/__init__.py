@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from .core import PathBatch, check_paths, evaluate, linear_profile, path_profile
 from .linear import find_linear
+from .neb import find_neb, improved_tangent, redistribute
+from .pairs import adversarial_pairs, pair_id, pairs_from_table, same_class_pairs
 from .spaces import Space, make_space
 # decoders (helper split-decoders): pure model code; the run job is somprobe.paths.decoder_job
 from .decoders import Decoder, build_decoder, decode, fit_linear_decoder
 
 __all__ = [
     "Space", "make_space", "PathBatch", "check_paths", "evaluate", "linear_profile",
-    "path_profile", "find_linear",
+    "path_profile", "find_linear", "find_neb", "improved_tangent", "redistribute",
+    "same_class_pairs", "adversarial_pairs", "pairs_from_table", "pair_id",
     "Decoder", "build_decoder", "decode", "fit_linear_decoder",
 ]
