@@ -219,6 +219,11 @@ def test_resume_equals_uninterrupted(tmp_path, model, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     ca, cb = (json.loads(r.decoder_card("CL3").read_text()) for r in (full, cut))
     assert ca["train_mse"] == cb["train_mse"] and ca["val_mse"] == cb["val_mse"]
+    # streaming the latents per batch (no cache) trains the same decoder up to float rounding
+    stream = Run(tmp_path / "stream")
+    train_decoders(stream, "CL3", **kw, cache_mb=0)
+    cs = json.loads(stream.decoder_card("CL3").read_text())
+    assert cs["val_mse"] == pytest.approx(ca["val_mse"], rel=1e-3)
 
 
 def test_cli_decoder_on_digits(tmp_path):

@@ -17,9 +17,8 @@ image, on the train split of the dataset the run's model was trained on. Files, 
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -197,15 +196,12 @@ def _accuracy(model, x, labels, batch_size=256) -> tuple[float, torch.Tensor]:
     return float((pred.cpu() == labels).float().mean()), pred.cpu()
 
 
-def _fingerprint(values) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: int | None = None,
                   batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
                   max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
-                  width: int = 64, min_width: int = 16, blocks: int = 2, device="auto", seed: int = 0,
-                  resume: bool = False, overwrite: bool = False, progress: bool = False) -> dict:
+                  width: int = 64, min_width: int = 16, blocks: int = 2, cache_mb: float = 2048,
+                  device="auto", seed: int = 0, resume: bool = False, overwrite: bool = False,
+                  progress: bool = False) -> dict:
     """Train, score and save the decoder of one layer; return its card (see :func:`train_decoders`)."""
     from ..models import split_model
 
@@ -267,6 +263,12 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
     if start == 0:
         history["val_mse_init"] = round(float(F.mse_loss(decode(decoder, z_val), x_val)), 7)
     steps = -(-len(tr_idx) // batch_size)
+    # The head is frozen: its latents are the same every epoch, so compute them once when they fit
+    # in cache_mb (the head pass costs about as much as a decoder step). Whether the cache is used
+    # depends only on the settings, so a resumed training sees the same numbers.
+    cache = None
+    if start < epochs and len(tr_idx) * 4 * (math.prod(shape) + 3 * size * size) <= cache_mb * 2 ** 20:
+        cache = _latents(head, train_data, tr_idx, size, dev)
     bar = None
     if progress and start < epochs:
         from tqdm.auto import tqdm
@@ -274,12 +276,16 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            rng = np.random.default_rng([seed, epoch])
-            order = tr_idx[rng.permutation(len(tr_idx))]
+            perm = np.random.default_rng([seed, epoch]).permutation(len(tr_idx))
 
-            def batches(order=order):
-                for s in range(0, len(order), batch_size):
-                    x = train_data.images(order[s:s + batch_size], size).to(dev)
+            def batches(perm=perm):
+                for s in range(0, len(perm), batch_size):
+                    pos = perm[s:s + batch_size]
+                    if cache is not None:
+                        sel = torch.from_numpy(pos).to(dev)
+                        yield cache[0][sel], cache[1][sel]
+                        continue
+                    x = train_data.images(tr_idx[pos], size).to(dev)
                     with torch.no_grad():
                         z = head(x)
                     yield z, x
@@ -356,8 +362,9 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
                    dataset=None, data_root=None, epochs: int | None = None,
                    batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
                    max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
-                   width: int = 64, min_width: int = 16, blocks: int = 2, device="auto", seed: int = 0,
-                   resume: bool = False, overwrite: bool = False, progress: bool = False) -> dict[str, dict]:
+                   width: int = 64, min_width: int = 16, blocks: int = 2, cache_mb: float = 2048,
+                   device="auto", seed: int = 0, resume: bool = False, overwrite: bool = False,
+                   progress: bool = False) -> dict[str, dict]:
     """Train one latent-to-image decoder per layer into ``run/decoders/``.
 
     Study 001 Tables 2–4 adapted to each layer's latent (:mod:`somprobe.paths.decoders`): MSE,
@@ -394,6 +401,9 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
         Val images and reconstructions saved for the figure.
     width, min_width, blocks : int
         Decoder size (see :func:`~somprobe.paths.decoders.decoder_arch`).
+    cache_mb : float
+        Keep the training latents and images in memory when they take at most this many MiB
+        (the frozen head then runs once instead of every epoch); else stream them per batch.
     device : str
     seed : int
         Seeds the decoder's initialisation, the subsets and the shuffling.
@@ -434,6 +444,7 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
     return {layer: train_decoder(run, layer, model=model, train_data=train_data, val_data=val_data,
                                  epochs=epochs, batch_size=batch_size, lr=lr, max_train=max_train,
                                  max_val=max_val, n_linear=n_linear, ridge=ridge, n_samples=n_samples,
-                                 width=width, min_width=min_width, blocks=blocks, device=device,
+                                 width=width, min_width=min_width, blocks=blocks,
+                                 cache_mb=cache_mb, device=device,
                                  seed=seed, resume=resume, overwrite=overwrite, progress=progress)
             for layer in layers}
