@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--detectors",
                    default="curvature,loss_curve,som_distance,input_mfs,mahalanobis,max_softmax")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--directions", type=int, default=20,
+                   help="T, random directions of the curvature detector (Algorithm 2).")
     p.add_argument("--resume", action="store_true", help="Reuse attacks and cached characteristics.")
     p.add_argument("--quick", action="store_true", help="60 images, 2 seeds, fgsm+pgd: plumbing only.")
     a = p.parse_args(argv)
@@ -68,12 +70,13 @@ def main(argv=None) -> int:
 
     run, meta, _net, _draws, timings = prepare(a, say)
     print(f"run {run.root}: {meta['model']} on {meta['dataset']} (val accuracy "
-          f"{meta.get('final_val_accuracy', float('nan')):.4f}); torch threads {threads}; "
+          f"{meta.get('final_val_accuracy') or float('nan'):.4f}); torch threads {threads}; "
           f"machine shared with other jobs")
 
     t0 = time.perf_counter()
     res = detect_run(run, attacks=a.attacks, detectors=a.detectors,
                      seeds=[int(s) for s in a.seeds.split(",")], n=a.samples, device=a.device,
+                     detector_options={"curvature": {"n_directions": a.directions}},
                      resume=a.resume, on_stage=say)
     wall = time.perf_counter() - t0
     print(f"\ndetect_run: {wall:.0f} s (attacks + characteristics + {len(res['scores'])} fits)\n")
@@ -147,7 +150,9 @@ def main(argv=None) -> int:
         refs = None
         if det_name == "loss_curve":
             refs = torch.zeros(1)  # scoring from characteristics never touches the references
-        det = build_detector(det_name, model=model, references=refs, som=som, device=a.device)
+        opts = {"n_directions": a.directions} if det_name == "curvature" else None
+        det = build_detector(det_name, model=model, references=refs, som=som, device=a.device,
+                             options=opts)
         det.fit_features(fc[: len(fa)], fa)
         f1000 = np.resize(np.concatenate([fc, fa]), (1000, fc.shape[1]))
         t = time.perf_counter()
