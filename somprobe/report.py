@@ -53,12 +53,17 @@ SECTIONS = (
      "somprobe geometry"),  # issue 11
     ("detect", "Adversarial detection", r"^detect([-_].*)?$", "somprobe detect"),  # issue 11
     ("decoders", "Decoders: latent → image", r"^decoders([-_].*)?$", "somprobe decoder"),  # issue 9
+    ("barriers", "Barriers, region paths and convexity (studies 000, 002)",
+     r"^(barrier|region|convexity)([-_].*)?$",
+     "somprobe connect --method linear,barrier,regions (and somprobe convexity)"),  # issue 10
 )
 #: Tables outside ``analysis/`` that the report shows (globs under the run root).
 TABLE_GLOBS: tuple[str, ...] = ()
 TABLE_GLOBS += ("detect/*.csv",)  # somprobe detect (issue 11)
 TABLE_GLOBS += ("geometry/*.csv",)  # somprobe geometry (issue 11)
 TABLE_GLOBS += ("decoders/*.csv",)  # somprobe decoder (issue 9)
+TABLE_GLOBS += ("paths/*/convexity_summary.csv",)  # somprobe convexity (issue 10)
+SMALL_TABLES += ("convexity_summary",)  # issue 10
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
 # Entries are table names or fnmatch patterns ("paths/*/table1").
 _SECTION_TABLES = {
@@ -74,6 +79,7 @@ _SECTION_TABLES = {
     "geometry": ("geometry/table1", "geometry/noise", "geometry/curvature", "geometry/eigenvalues",
                  "geometry/projections", "geometry/hsweep"),  # issue 11
     "decoders": ("decoders/cards",),  # issue 9
+    "barriers": ("paths/*/convexity_summary",),  # issue 10
 }
 
 _CSS = """

@@ -29,7 +29,7 @@ from .core import CHUNK, PathBatch, _logits, empty_stats, path_lengths
 from .optimise import _count, _number, check_optim_params, minimise_loss
 from .spaces import Space
 
-__all__ = ["find_barrier", "BARRIER_EXTRAS", "ENDS"]
+__all__ = ["find_barrier", "check_barrier_params", "BARRIER_EXTRAS", "ENDS"]
 
 #: Extra per-pair columns of :func:`find_barrier` (``paths.csv``).
 BARRIER_EXTRAS = ("barrier_gap", "final_gap", "rounds", "segments", "success", "end_loss",
@@ -50,8 +50,10 @@ def _check_pair_inputs(a: Tensor, b: Tensor, target: Tensor) -> Tensor:
     return target.long()
 
 
-def _check_barrier_params(*, delta, iters, lr, lambda_l2, lambda_hf, hf, tol, points_per_segment,
-                          max_depth, ends, end_tol, end_iters, chunk):
+def check_barrier_params(*, delta=1e-3, iters=512, lr=0.01, lambda_l2=1.0, lambda_hf=0.05, hf="tv",
+                         tol=None, points_per_segment=33, max_depth=5, ends="optimise", end_tol=0.1,
+                         end_iters=None, chunk=CHUNK) -> float:
+    """Validate :func:`find_barrier`'s options (:class:`PathError` names the bad one); return δ."""
     delta = _number("delta", delta, open_low=True, hint="the study's barrier threshold is 0.001")
     check_optim_params(iters=iters, lr=lr, lambda_l2=lambda_l2, lambda_hf=lambda_hf, hf=hf)
     if tol is not None:
@@ -147,7 +149,7 @@ def find_barrier(
     PathError
         δ <= 0, negative budgets or λ, unknown ``hf``/``ends``, mismatched inputs.
     """
-    delta = _check_barrier_params(delta=delta, iters=iters, lr=lr, lambda_l2=lambda_l2,
+    delta = check_barrier_params(delta=delta, iters=iters, lr=lr, lambda_l2=lambda_l2,
                                   lambda_hf=lambda_hf, hf=hf, tol=tol,
                                   points_per_segment=points_per_segment, max_depth=max_depth,
                                   ends=ends, end_tol=end_tol, end_iters=end_iters, chunk=chunk)

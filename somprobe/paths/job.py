@@ -26,8 +26,8 @@ from .spaces import encode_images, make_space
 from .linear import find_linear
 from .neb import find_neb
 from .noise_sources import NOISE_SOURCES, draw_noise_pairs
-from .barrier import BARRIER_EXTRAS, find_barrier
-from .regions import REGION_EXTRAS, find_region_path
+from .barrier import BARRIER_EXTRAS, check_barrier_params, find_barrier
+from .regions import REGION_EXTRAS, check_region_params, find_region_path
 
 __all__ = ["MethodSpec", "METHODS", "register_method", "PATHS_COLUMNS", "TABLE1_COLUMNS",
            "connect_run", "connectivity_table"]
@@ -64,6 +64,9 @@ class MethodSpec:
     extras: tuple = ()
     check: bool = True
     description: str = ""
+    #: ``validate(**options)`` raising :class:`PathError` on a bad option, called before any work
+    #: so a bad option never leaves a half-written experiment (None: the method checks itself).
+    validate: Callable | None = None
 
 
 #: ``--method`` name → method.
@@ -96,17 +99,25 @@ def _regions(space, a, b, target, *, region_depth=10, **kw):
     return find_region_path(space, a, b, target, max_depth=region_depth, **kw)
 
 
+def _check_barrier(*, barrier_lr=0.01, barrier_points=33, **kw):
+    check_barrier_params(lr=barrier_lr, points_per_segment=barrier_points, **kw)
+
+
+def _check_regions(*, region_depth=10, **kw):
+    check_region_params(max_depth=region_depth, **kw)
+
+
 register_method("barrier", MethodSpec(
     _barrier, options={"delta": 1e-3, "iters": 256, "barrier_lr": 0.01, "lambda_l2": 1.0,
                        "lambda_hf": 0.05, "hf": "tv", "max_depth": 5, "ends": "optimise",
                        "end_tol": 0.1, "barrier_points": 33},
-    extras=BARRIER_EXTRAS, check=True,
+    extras=BARRIER_EXTRAS, check=True, validate=_check_barrier,
     description="barrier bypass (study 000): Adam on the highest-loss point, recursively, until "
                 "every barrier gap < delta"))
 register_method("regions", MethodSpec(
     _regions, options={"spacing": 1e-4, "margin": 0.1, "overshoot": 0.02, "proj_steps": 50,
                        "region_depth": 10, "recurse": "both"},
-    extras=REGION_EXTRAS, check=True,
+    extras=REGION_EXTRAS, check=True, validate=_check_regions,
     description="region path (study 002, Algorithm 1): midpoints projected into the class by "
                 "targeted DeepFool, checked at spacing*|a-b|"))
 
@@ -204,7 +215,8 @@ def _draw_pairs(run, model, dataset, pool, *, pair_source, n_pairs, seed, max_po
     else:
         path = Path(src)
         if not path.is_file():
-            raise PathError(f"--pair-source {src!r} is neither 'same-class', 'adversarial:<attack>' "
+            raise PathError(f"--pair-source {src!r} is neither 'same-class', 'adversarial:<attack>', "
+                            f"{', '.join(repr(n) for n in NOISE_SOURCES)} "
                             "nor an existing CSV file with columns id_a, id_b[, class]")
         given = pd.read_csv(path, dtype={"id_a": str, "id_b": str})
         pool_ids = ids[pool]
@@ -339,6 +351,9 @@ def connect_run(
     bad_opts = sorted(set(options) - known_opts)
     if bad_opts:
         raise PathError(f"unknown method option(s) {bad_opts}; known: {', '.join(sorted(known_opts))}")
+    for m in methods:
+        if METHODS[m].validate is not None:
+            METHODS[m].validate(**{k: options.get(k, v) for k, v in METHODS[m].options.items()})
     spaces = list(dict.fromkeys(s.strip() for s in spaces if s.strip()))
     if not spaces:
         raise PathError("no space given: pass e.g. --space input,CL1")

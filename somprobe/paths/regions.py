@@ -33,7 +33,7 @@ from .core import CHUNK, PathBatch, _logits, empty_stats, path_lengths
 from .optimise import _count, _number
 from .spaces import Space
 
-__all__ = ["find_region_path", "project_to_class", "REGION_EXTRAS", "RECURSE"]
+__all__ = ["find_region_path", "project_to_class", "check_region_params", "REGION_EXTRAS", "RECURSE"]
 
 #: Extra per-pair columns of :func:`find_region_path` (``paths.csv``).
 REGION_EXTRAS = ("anchors", "depth", "success", "projections", "points_checked")
@@ -84,6 +84,23 @@ def project_to_class(
 
     return deepfool(_module(space), x.detach(), target=target, margin=margin, overshoot=overshoot,
                     max_iter=max_steps, clip=space.clip)
+
+
+def check_region_params(*, spacing=1e-4, margin=0.1, overshoot=0.02, proj_steps=50, max_depth=10,
+                        recurse="both", chunk=CHUNK) -> tuple[float, float, float]:
+    """Validate :func:`find_region_path`'s options (:class:`PathError` names the bad one);
+    return ``(spacing, margin, overshoot)`` as floats."""
+    spacing = _number("spacing", spacing, open_low=True, hint="the study samples at 1e-4 of ||x1 - x2||")
+    if spacing > 1:
+        raise PathError(f"spacing must be <= 1 (a fraction of ||x1 - x2||), got {spacing}")
+    margin = _number("margin", margin)
+    overshoot = _number("overshoot", overshoot)
+    _count("proj_steps", proj_steps, low=1)
+    _count("max_depth", max_depth, low=1)
+    _count("chunk", chunk, low=1)
+    if recurse not in RECURSE:
+        raise PathError(f"recurse={recurse!r}: use one of {', '.join(RECURSE)}")
+    return spacing, margin, overshoot
 
 
 def find_region_path(
@@ -139,16 +156,9 @@ def find_region_path(
     PathError
         Bad spacing, margin, budgets or inputs.
     """
-    spacing = _number("spacing", spacing, open_low=True, hint="the study samples at 1e-4 of ||x1 - x2||")
-    if spacing > 1:
-        raise PathError(f"spacing must be <= 1 (a fraction of ||x1 - x2||), got {spacing}")
-    margin = _number("margin", margin)
-    overshoot = _number("overshoot", overshoot)
-    _count("proj_steps", proj_steps, low=1)
-    _count("max_depth", max_depth, low=1)
-    _count("chunk", chunk, low=1)
-    if recurse not in RECURSE:
-        raise PathError(f"recurse={recurse!r}: use one of {', '.join(RECURSE)}")
+    spacing, margin, overshoot = check_region_params(
+        spacing=spacing, margin=margin, overshoot=overshoot, proj_steps=proj_steps,
+        max_depth=max_depth, recurse=recurse, chunk=chunk)
     target = _check_pair_inputs(a, b, target)
     _module(space)
     P, shape = a.shape[0], tuple(a.shape[1:])
