@@ -304,7 +304,20 @@ def test_killed_rank_named_then_torchrun_resume_completes(tmp_path, reference):
     assert json.loads((store / "manifest.json").read_text())["complete"] is False
     assert done_intervals(store) == [[0, 24]]  # rank 0's shard and rank 1's first batch
 
-    # the CLI under torchrun continues every rank's shard
+    # one process may finish what two ranks started (rows 24-29 only) ...
+    import shutil
+
+    from somprobe.extract import extract
+
+    model, ds, idx = _setup()
+    copy = tmp_path / "copy" / "som-tr"
+    shutil.copytree(store, copy)
+    counted = _Dying(ds, rank=-1, at=0, mode="never")
+    extract(model, counted, idx, out=copy, split="som-tr", resume=True, **_extract_kw())
+    assert counted.calls == 1 and not list(copy.glob("progress-rank*"))
+    _assert_same_store(reference.codes_dir("som-tr"), copy)
+
+    # ... and so does the CLI under torchrun, continuing every rank's shard
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "-m", "somprobe",
