@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--eigsh-samples", type=int, default=2, help="samples timed with scipy eigsh (0: skip)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parts", default="deepfool,principal,algorithm2",
+                   help="which measurements (comma separated)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -69,72 +71,92 @@ def main(argv=None) -> None:
     print(f"model {a.model} {a.image_size}px, d={d}, device {dev}, threads {torch.get_num_threads()}, "
           f"{a.samples} samples, k={a.k} ({iters} Lanczos iterations), T={a.directions}")
 
+    parts = set(a.parts.split(","))
+    # 0. DeepFool: batched vs torchattacks' per-sample loop -------------------------------
+    if "deepfool" in parts:
+        import torchattacks
+
+        from somprobe.attacks import deepfool
+
+        y = top2[:, 0]
+        sync(); t = time.perf_counter()
+        ours = deepfool(model, x, y, max_iter=50)
+        sync(); t_o = time.perf_counter() - t
+        sync(); t = time.perf_counter()
+        ref = torchattacks.DeepFool(model, steps=50, overshoot=0.02)(x, y)
+        sync(); t_r = time.perf_counter() - t
+        print(f"DeepFool (50 steps, all classes): somprobe batched {t_o:.2f} s, torchattacks {t_r:.2f} s "
+              f"→ ratio {t_r / t_o:.1f}x; max |difference| {float((ours.images - ref).abs().max()):.1e}, "
+              f"converged {float(ours.converged.float().mean()):.2f}")
+
     # 1. principal curvatures ------------------------------------------------------------
-    sync(); t = time.perf_counter()
-    batched = principal_curvatures(F, x, k=a.k, seed=0)
-    sync(); t_b = time.perf_counter() - t
-    sync(); t = time.perf_counter()
-    loop_top = []
-    for b in range(n_loop):
-        Fb = Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0])
-        loop_top.append(principal_curvatures(Fb, x[b:b + 1], k=a.k, seed=0).top)
-    sync(); t_l = (time.perf_counter() - t) * a.samples / n_loop
-    # different start vectors (the batched draw is [B, d]): compare the converged extreme values
-    lt = torch.cat(loop_top)
-    diff = float((batched.top[:n_loop, 0] - lt[:, 0]).abs().max() / batched.top[:n_loop, 0].abs().max().clamp_min(1e-30))
-    print(f"principal curvatures: batched {t_b:.2f} s ({t_b / a.samples:.3f} s/sample), "
-          f"per-sample loop {t_l:.2f} s → ratio {t_l / t_b:.1f}x "
-          f"(largest eigenvalue, max relative difference {diff:.1e})")
-    if a.eigsh_samples:
-        from scipy.sparse.linalg import LinearOperator, eigsh
-
-        n_e = min(a.eigsh_samples, a.samples)
-        t = time.perf_counter()
-        rel = []
-        # samples whose operator is not zero (a ReLU net can have a constant gradient over the
-        # whole finite-difference ball; ARPACK refuses a zero operator)
-        live = [b for b in range(a.samples) if float(batched.top[b, 0]) != 0.0][:n_e]
-        for b in live:
+    if "principal" in parts:
+        sync(); t = time.perf_counter()
+        batched = principal_curvatures(F, x, k=a.k, seed=0)
+        sync(); t_b = time.perf_counter() - t
+        sync(); t = time.perf_counter()
+        loop_top = []
+        for b in range(n_loop):
             Fb = Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0])
-            zb = x[b:b + 1]
-            calls = [0]
+            loop_top.append(principal_curvatures(Fb, x[b:b + 1], k=a.k, seed=0).top)
+        sync(); t_l = (time.perf_counter() - t) * a.samples / n_loop
+        # different start vectors (the batched draw is [B, d]): compare the converged extreme values
+        lt = torch.cat(loop_top)
+        diff = float((batched.top[:n_loop, 0] - lt[:, 0]).abs().max() / batched.top[:n_loop, 0].abs().max().clamp_min(1e-30))
+        print(f"principal curvatures: batched {t_b:.2f} s ({t_b / a.samples:.3f} s/sample), "
+              f"per-sample loop {t_l:.2f} s → ratio {t_l / t_b:.1f}x "
+              f"(largest eigenvalue, max relative difference {diff:.1e})")
+        if a.eigsh_samples:
+            from scipy.sparse.linalg import LinearOperator, eigsh
 
-            def mv(v, Fb=Fb, zb=zb):
-                calls[0] += 1
-                u = torch.as_tensor(np.asarray(v).reshape(1, 1, *zb.shape[1:]), dtype=zb.dtype, device=dev)
-                return projected_hvp(Fb, zb, u, h=DEFAULT_H).reshape(-1).double().cpu().numpy()
+            n_e = min(a.eigsh_samples, a.samples)
+            t = time.perf_counter()
+            rel = []
+            # samples whose operator is not zero (a ReLU net can have a constant gradient over the
+            # whole finite-difference ball; ARPACK refuses a zero operator)
+            live = [b for b in range(a.samples) if float(batched.top[b, 0]) != 0.0][:n_e]
+            for b in live:
+                Fb = Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0])
+                zb = x[b:b + 1]
+                calls = [0]
 
-            op = LinearOperator((d, d), matvec=mv, dtype=np.float64)
-            vals = eigsh(op, k=2 * a.k, which="BE", tol=1e-4, return_eigenvectors=False,
-                         v0=np.random.default_rng(0).standard_normal(d))
-            rel.append(float(np.abs(np.sort(vals)[-1] - float(batched.top[b, 0])) / abs(float(batched.top[b, 0]))))
-        t_e = (time.perf_counter() - t) * a.samples / max(len(live), 1)
-        print(f"  scipy eigsh per sample (which='BE', tol 1e-4, {calls[0]} matvecs for the last): "
-              f"{t_e:.2f} s for {a.samples} samples (extrapolated from {n_e}) → ratio {t_e / t_b:.1f}x; "
-              f"largest eigenvalue vs batched Lanczos: max relative difference {max(rel):.1e}")
+                def mv(v, Fb=Fb, zb=zb):
+                    calls[0] += 1
+                    u = torch.as_tensor(np.asarray(v).reshape(1, 1, *zb.shape[1:]), dtype=zb.dtype, device=dev)
+                    return projected_hvp(Fb, zb, u, h=DEFAULT_H).reshape(-1).double().cpu().numpy()
+
+                op = LinearOperator((d, d), matvec=mv, dtype=np.float64)
+                vals = eigsh(op, k=2 * a.k, which="BE", tol=1e-4, return_eigenvectors=False,
+                             v0=np.random.default_rng(0).standard_normal(d))
+                rel.append(float(np.abs(np.sort(vals)[-1] - float(batched.top[b, 0])) / abs(float(batched.top[b, 0]))))
+            t_e = (time.perf_counter() - t) * a.samples / max(len(live), 1)
+            print(f"  scipy eigsh per sample (which='BE', tol 1e-4, {calls[0]} matvecs for the last): "
+                  f"{t_e:.2f} s for {a.samples} samples (extrapolated from {n_e}) → ratio {t_e / t_b:.1f}x; "
+                  f"largest eigenvalue vs batched Lanczos: max relative difference {max(rel):.1e}")
 
     # 2. Algorithm 2 ----------------------------------------------------------------------
-    dirs = random_directions(a.samples, a.directions, x.shape[1:], seed=3, device=dev)
-    sync(); t = time.perf_counter()
-    cc = class_curvatures(model, x, directions=dirs)
-    sync(); t_b2 = time.perf_counter() - t
-    sync(); t = time.perf_counter()
-    with torch.no_grad():
-        k_hat = model(x).argmax(1)
-    loop_pc = torch.full((n_loop, 10), float("nan"))
-    for b in range(n_loop):
-        for i in range(10):
-            if i == int(k_hat[b]):
-                continue
-            Fi = Margin(model, torch.tensor([i], device=dev), k_hat[b:b + 1])
-            vals = [directional_curvature(Fi, x[b:b + 1], dirs[b:b + 1, j:j + 1]) for j in range(a.directions)]
-            loop_pc[b, i] = torch.cat(vals, 1).mean().cpu()
-    sync(); t_l2 = (time.perf_counter() - t) * a.samples / n_loop
-    diff2 = float(torch.nanmean((loop_pc - cc.per_class[:n_loop].cpu()).abs()) /
-                  torch.nanmean(cc.per_class[:n_loop].abs().cpu()))
-    print(f"Algorithm 2 (T={a.directions}, 9 classes): batched {t_b2:.2f} s ({t_b2 / a.samples:.3f} s/sample), "
-          f"loop over samples x classes x directions {t_l2:.2f} s → ratio {t_l2 / t_b2:.1f}x "
-          f"(mean relative difference {diff2:.1e})")
+    if "algorithm2" in parts:
+        dirs = random_directions(a.samples, a.directions, x.shape[1:], seed=3, device=dev)
+        sync(); t = time.perf_counter()
+        cc = class_curvatures(model, x, directions=dirs)
+        sync(); t_b2 = time.perf_counter() - t
+        sync(); t = time.perf_counter()
+        with torch.no_grad():
+            k_hat = model(x).argmax(1)
+        loop_pc = torch.full((n_loop, 10), float("nan"))
+        for b in range(n_loop):
+            for i in range(10):
+                if i == int(k_hat[b]):
+                    continue
+                Fi = Margin(model, torch.tensor([i], device=dev), k_hat[b:b + 1])
+                vals = [directional_curvature(Fi, x[b:b + 1], dirs[b:b + 1, j:j + 1]) for j in range(a.directions)]
+                loop_pc[b, i] = torch.cat(vals, 1).mean().cpu()
+        sync(); t_l2 = (time.perf_counter() - t) * a.samples / n_loop
+        diff2 = float(torch.nanmean((loop_pc - cc.per_class[:n_loop].cpu()).abs()) /
+                      torch.nanmean(cc.per_class[:n_loop].abs().cpu()))
+        print(f"Algorithm 2 (T={a.directions}, 9 classes): batched {t_b2:.2f} s ({t_b2 / a.samples:.3f} s/sample), "
+              f"loop over samples x classes x directions {t_l2:.2f} s → ratio {t_l2 / t_b2:.1f}x "
+              f"(mean relative difference {diff2:.1e})")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,8 @@ def _ranked(fn):
 
         if not dist.env_world().distributed or dist.is_distributed():
             return fn(*args, **kwargs)  # one process, or nested in a command that set it up
-        ctx = dist.init(kwargs.get("device") or "auto")
         try:
-            dist.check_devices(kwargs.get("device") or "auto")
+            ctx = dist.init(kwargs.get("device") or "auto")  # also checks all ranks' devices
             if kwargs.get("out") is not None:
                 dist.check_shared_dir(kwargs["out"])
             if ctx.is_main:
@@ -640,6 +639,8 @@ def _fraction(text: str, option: str) -> float:
               help="Finite-difference step of the Hessian-vector products (L2, pixel units).")
 @click.option("--method", type=click.Choice(["fd", "exact"]), default="fd", show_default=True,
               help="fd: finite differences (ReLU nets); exact: double backprop (smooth nets).")
+@click.option("--softplus", "smooth_beta", type=float,
+              help="Measure the network with every ReLU replaced by Softplus(BETA), exact Hessians.")
 @click.option("--subspace-dim", type=int, help="Dimension of S (default: input dims / 16).")
 @click.option("--hsweep", default="1e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", show_default=True,
               help="Steps h of the sweep, comma separated ('' to skip).")
@@ -652,7 +653,7 @@ def _fraction(text: str, option: str) -> float:
 @QUIET
 @_friendly
 def geometry(out, samples, subspace_samples, data_split, data_name, data_root, directions, k, h,
-             method, subspace_dim, hsweep, batch_size, model, checkpoint, no_figures, seed, device,
+             method, smooth_beta, subspace_dim, hsweep, batch_size, model, checkpoint, no_figures, seed, device,
              quiet):
     """Study 002's decision-boundary geometry: curvature at x, at z = x + r(x) and at DeepFool's
     image, Algorithm 2's mean curvature, the shared subspace S, noise in S vs S⊥, an h sweep."""
@@ -673,7 +674,7 @@ def geometry(out, samples, subspace_samples, data_split, data_name, data_root, d
                       image_size=image_size)
     summary = geometry_run(run, model=net, dataset=ds, samples=samples,
                            subspace_samples=subspace_samples, directions=directions, k=k, h=h,
-                           method=method, subspace_dim=subspace_dim,
+                           method=method, smooth_beta=smooth_beta, subspace_dim=subspace_dim,
                            hsweep=_csv(hsweep, float) or (), batch_size=batch_size, device=device,
                            seed=seed, progress=not quiet)
     click.echo(json.dumps({key: summary[key] for key in (

@@ -226,3 +226,28 @@ def test_bad_inputs():
         directional_curvature(Quadratic(F.A, torch.zeros(6, dtype=torch.float64)), z, v)
     with pytest.raises(GeometryError, match="directions"):
         random_directions(1, 0, (6,))
+
+
+def test_softplus_surrogate_gives_start_independent_curvatures():
+    from somprobe.geometry import softplus_surrogate
+    from somprobe.models import build_model
+
+    model = trained_mlp("relu")
+    x, _ = digits_data()
+    x = x[1500:1503]
+    smooth = softplus_surrogate(model, beta=20.0)
+    assert isinstance(model.act, torch.nn.ReLU) and isinstance(smooth.act, torch.nn.Softplus)
+    assert float((smooth(x) - model(x)).abs().max()) < 0.5  # close to the ReLU net
+    top2 = smooth(x).topk(2, dim=1).indices
+    F = Margin(smooth, top2[:, 1], top2[:, 0])
+    a = principal_curvatures(F, x, k=3, method="exact", seed=0)
+    b = principal_curvatures(F, x, k=3, method="exact", seed=1)
+    assert torch.allclose(a.top, b.top, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(a.bottom, b.bottom, rtol=1e-3, atol=1e-5)
+    assert float(a.top.abs().max()) > 0
+    with pytest.raises(GeometryError, match="beta"):
+        softplus_surrogate(model, beta=0)
+    with pytest.raises(GeometryError, match="no nn.ReLU"):
+        softplus_surrogate(trained_mlp("softplus"))
+    resnet = softplus_surrogate(build_model("test_resnet", num_classes=10, seed=0), 10.0)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in resnet.modules())

@@ -23,3 +23,7 @@ __all__ = [
     "PrincipalCurvatures", "default_iters", "boundary_points", "BoundaryPoints",
     "shared_subspace", "projection_ratio", "subspace_noise", "subspace_noise_flips",
 ]
+
+from .smooth import softplus_surrogate  # noqa: E402
+
+__all__ += ["softplus_surrogate"]

@@ -56,6 +56,7 @@ def geometry_run(
     k: int = 10,
     h: float = DEFAULT_H,
     method: str = "fd",
+    smooth_beta: float | None = None,
     subspace_dim: int | None = None,
     magnitudes=DEFAULT_MAGNITUDES,
     hsweep=DEFAULT_HSWEEP,
@@ -89,6 +90,12 @@ def geometry_run(
         Finite-difference step (L2, pixel units) of the Hessian-vector products.
     method : {"fd", "exact"}
         Finite differences (ReLU networks) or double backprop (smooth networks).
+    smooth_beta : float, optional
+        Measure the softplus surrogate of the network instead (every ReLU → ``Softplus(beta)``,
+        :func:`~somprobe.geometry.softplus_surrogate`) with exact Hessians: on a ReLU network the
+        finite-difference product is not linear in the direction, so Lanczos eigenvalues depend on
+        the start vector; the surrogate's do not. Everything (DeepFool, curvature, noise) then uses
+        the surrogate.
     subspace_dim : int, optional
         Dimension of S; default ``d // 16`` (so a random direction projects ≈ 0.25, as in the
         study's Table 1), at most ``subspace_samples * k``.
@@ -126,6 +133,11 @@ def geometry_run(
                             f"{n_total} images of the dataset; ask for fewer")
     dev = resolve_device(device)
     model = model.to(dev)
+    if smooth_beta is not None:
+        from .smooth import softplus_surrogate
+
+        model = softplus_surrogate(model, smooth_beta)
+        method = "exact"
     size = getattr(model, "image_size", None) or getattr(dataset, "image_size", None)
     shape = tuple(dataset.images(np.arange(1), size).shape[1:])
     d = int(np.prod(shape))
@@ -310,7 +322,8 @@ def geometry_run(
     adv_rows = curv[curv["point"] == "adversarial"]
     summary = {
         "samples": samples, "subspace_samples": subspace_samples, "subspace_samples_used": len(sub_used),
-        "directions": directions, "k": k, "h": h, "method": method, "subspace_dim": int(dim_used),
+        "directions": directions, "k": k, "h": h, "method": method,
+        "smooth_beta": None if smooth_beta is None else float(smooth_beta), "subspace_dim": int(dim_used),
         "input_dim": d, "input_shape": list(shape), "magnitudes": mags, "hsweep": list(hsweep),
         "overshoot": overshoot, "max_iter": max_iter, "seed": int(seed), "device": str(dev),
         "deepfool_converged_rate": float(curv.loc[curv["point"] == "natural", "converged"].mean()),
