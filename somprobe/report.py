@@ -424,10 +424,6 @@ def write_report(run: Run | str | os.PathLike, *, title: str | None = None) -> P
         When the run directory holds nothing to report; the message names the commands to run.
     """
     run = run if isinstance(run, Run) else Run(run)
-    if not run.root.is_dir():
-        # a typo in --out must not leave an empty run directory behind
-        raise AnalysisError(f"no run directory {run.root}: check --out (a run made by `somprobe "
-                            "train`/`extract`/`demo`)")
     text = render_report(run, title=title)
     # Built fully in memory first, then temp file + rename: a failure leaves the old report.
     atomic_write_bytes(run.report, text.encode("utf-8"))

@@ -91,7 +91,7 @@ def test_write_report_on_missing_directory_raises(tmp_path):
     from somprobe.errors import AnalysisError
     from somprobe.report import write_report
 
-    with pytest.raises(AnalysisError, match="no run directory"):
+    with pytest.raises(AnalysisError, match="nothing to report"):
         write_report(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
 
