@@ -78,6 +78,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-train", type=int, default=10000)
     p.add_argument("--max-val", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=None, help="default: study 001 (10 spatial / 5 flat)")
+    p.add_argument("--width", type=int, default=64, help="decoder channels at the latent's resolution")
+    p.add_argument("--blocks", type=int, default=2, help="conv blocks per resolution")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=256, help="latents per tail call in the split timing")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -118,11 +121,11 @@ def main(argv=None) -> None:
         return
 
     print(f"\n## decoders: max_train {a.max_train}, max_val {a.max_val}, epochs "
-          f"{a.epochs or 'study default'}")
+          f"{a.epochs or 'study default'}, width {a.width}, blocks {a.blocks}, lr {a.lr}")
     t = time.perf_counter()
     cards = train_decoders(out, layers, model=model, epochs=a.epochs, max_train=a.max_train,
-                           max_val=a.max_val, device=a.device, seed=a.seed, resume=a.resume,
-                           progress=True)
+                           max_val=a.max_val, width=a.width, blocks=a.blocks, lr=a.lr,
+                           device=a.device, seed=a.seed, resume=a.resume, progress=True)
     print(f"{'layer':6} {'latent':>10} {'epochs':>6} {'val MSE':>9} {'linear':>9} {'lin/dec':>8} "
           f"{'PSNR dB':>8} {'lin PSNR':>8} {'kept':>6} {'beats':>5} {'s':>7}")
     for layer, c in cards.items():
