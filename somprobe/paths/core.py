@@ -171,13 +171,16 @@ def _walk(space: Space, anchors: Tensor, n_anchors: Tensor, target: Tensor, grid
         out["probs"] = []
     shape = anchors.shape[2:]
     with torch.no_grad():
+        # One start and one direction per segment, so each chunk gathers once and fuses the
+        # interpolation into one addcmul.
+        start = anchors[pair, seg]
+        step = anchors[pair, seg + 1] - start
         for i in range(0, M, chunk):
             idx = torch.arange(i, min(i + chunk, M), device=dev)
             s_id, j = idx // T, idx % T
-            p, k = pair[s_id], seg[s_id]
             w = grid[j].to(anchors.dtype).reshape(-1, *([1] * len(shape)))
-            a, b = anchors[p, k], anchors[p, k + 1]
-            pts = a + w * (b - a)
+            pts = torch.addcmul(start[s_id], w, step[s_id])
+            p = pair[s_id]
             logit = _logits(space, pts).float()
             _collect(out, logit, target.to(dev)[p].to(logit.device), probs)
     S = len(pair)

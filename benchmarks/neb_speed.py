@@ -1,0 +1,130 @@
+"""NEB batched over pairs vs the same NEB one pair at a time; linear checks vs bare forwards.
+
+Both sides run in the same process on the same model, pairs and settings:
+
+* NEB: ``find_neb`` on all pairs at once (somprobe) against a loop calling it for one pair at a
+  time (how PyTorch-AutoNEB and study 001's code run, one band per call). Results must agree
+  (anchors within a tolerance, same iterations and path_ok) and the batched run should be at
+  least 5× faster.
+* Linear: ``linear_profile`` points per second against the model's bare forward throughput
+  (``space.logits`` on a ready batch of the same size, no interpolation, no bookkeeping); the
+  target is ≥ 80 %.
+
+Usage::
+
+    python benchmarks/neb_speed.py --run /work/runs-shared/mnist5k-s0 --pairs 25 --steps 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def _model(run):
+    from somprobe.classifier import load_trained
+    from somprobe.models import build_model
+
+    if run:
+        return load_trained(run).eval(), json.loads(open(f"{run}/model/meta.json").read())["dataset"]
+    return build_model("resnet18", num_classes=10, image_size=32, seed=0).eval(), "mnist5k"
+
+
+def _pairs(model, dataset, n_pairs, seed):
+    from somprobe.attacks.core import predict_labels
+    from somprobe.data import load_dataset
+    from somprobe.paths import same_class_pairs
+
+    ds = load_dataset(dataset, split="test", image_size=model.image_size)
+    idx = np.random.default_rng(seed).permutation(len(ds))[:600]
+    x = ds.images(idx, model.image_size)
+    with torch.no_grad():
+        preds = predict_labels(model, x).numpy()
+    df, _ = same_class_pairs(np.asarray(ds.labels)[idx], preds, n_pairs=n_pairs, seed=seed)
+    return x[df["a"].to_numpy()], x[df["b"].to_numpy()], torch.as_tensor(df["class"].to_numpy())
+
+
+def _best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="Run with a trained model (default: untrained resnet18, 32 px).")
+    ap.add_argument("--pairs", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=30, help="NEB step budget.")
+    ap.add_argument("--pivots", type=int, default=10)
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="NEB tolerance; small, so bands of a trained model really move.")
+    ap.add_argument("--points", type=int, default=20, help="Dense-check points per segment.")
+    ap.add_argument("--spaces", default="input,CL2,CL4")
+    ap.add_argument("--linear-points", type=int, default=100)
+    ap.add_argument("--chunk", type=int, default=500, help="Points per forward pass (both sides).")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from somprobe.paths import find_neb, linear_profile, make_space
+    from somprobe.paths.spaces import encode_images
+
+    model, dataset = _model(args.run)
+    xa, xb, target = _pairs(model, dataset, args.pairs, args.seed)
+    kw = dict(steps=args.steps, pivots=args.pivots, points=args.points, chunk=args.chunk, tol=args.tol)
+    print(f"model {model.name} on {dataset}, {len(target)} same-class pairs, torch threads {args.threads}")
+    rows = []
+    for name in args.spaces.split(","):
+        space = make_space(model, name)
+        za, zb = encode_images(space, xa), encode_images(space, xb)
+        t_batch, res = _best(lambda: find_neb(space, za, zb, target, **kw), 1)
+        t0 = time.perf_counter()
+        ones = [find_neb(space, za[i:i + 1], zb[i:i + 1], target[i:i + 1], **kw) for i in range(len(target))]
+        t_loop = time.perf_counter() - t0
+        anchors = torch.cat([o.anchors for o in ones])
+        diff = float((anchors - res.anchors).abs().max() / res.anchors.abs().max().clamp(min=1e-12))
+        same_it = all(o.stats["iterations"][0] == res.stats["iterations"][i] for i, o in enumerate(ones))
+        same_ok = all(o.stats["path_ok"][0] == res.stats["path_ok"][i] for i, o in enumerate(ones))
+
+        # Linear: same number of points per forward pass on both sides.
+        P, T = len(target), args.linear_points
+        n_points = P * T
+        t_lin, prof = _best(lambda: linear_profile(space, za, zb, target, T, chunk=args.chunk), 3)
+        batch = (za[:1] + torch.rand(args.chunk, *za.shape[1:]) * (zb[:1] - za[:1]))
+        reps = -(-n_points // args.chunk)
+
+        def bare():
+            with torch.no_grad():
+                for _ in range(reps):
+                    space.logits(batch)
+        t_bare, _ = _best(bare, 3)
+        rows.append({
+            "space": space.name, "neb_batched_s": round(t_batch, 2), "neb_one_at_a_time_s": round(t_loop, 2),
+            "neb_speedup": round(t_loop / t_batch, 2), "max_rel_anchor_diff": f"{diff:.1e}",
+            "same_iterations": same_it, "same_path_ok": same_ok,
+            "neb_iterations_mean": float(np.mean(res.stats["iterations"])),
+            "linear_points_per_s": round(n_points / t_lin), "bare_forward_points_per_s":
+                round(reps * args.chunk / t_bare),
+            "linear_over_bare": round((n_points / t_lin) / (reps * args.chunk / t_bare), 3),
+            "linear_ok": int(prof["linear_ok"].sum()), "neb_path_ok": int(res.stats["path_ok"].sum()),
+        })
+        print(json.dumps(rows[-1]))
+    print()
+    print("| space | NEB batched (s) | one at a time (s) | speed-up | same results | linear pts/s | bare fwd pts/s | linear/bare |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['space']} | {r['neb_batched_s']} | {r['neb_one_at_a_time_s']} | {r['neb_speedup']}× | "
+              f"{'yes' if r['same_iterations'] and r['same_path_ok'] else 'NO'} (max rel. diff "
+              f"{r['max_rel_anchor_diff']}) | {r['linear_points_per_s']} | {r['bare_forward_points_per_s']} | "
+              f"{r['linear_over_bare']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
