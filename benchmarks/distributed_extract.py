@@ -13,6 +13,9 @@ all four statistics. Also prints the one-thread per-image extraction cost at 32 
 
     python benchmarks/distributed_extract.py            # 1,024 images at 32 px, PGD 10 steps on 256
     python benchmarks/distributed_extract.py --quick    # 256 images, PGD on 64
+    python benchmarks/distributed_extract.py --float16-som [--run RUN]
+        # do maps fitted on float16-stored codes equal the float32 ones? (50 per class of
+        # mnist5k, RUN's trained model or a seeded untrained resnet18, 20x20 torus, paper defaults)
 """
 from __future__ import annotations
 
@@ -125,6 +128,53 @@ def per_image_cost(size: int, n: int, batch: int) -> float:
         return (time.perf_counter() - t) / n
 
 
+def float16_som_check(run_dir: str | None, per_class: int = 50) -> None:
+    """Fit the same 20×20 torus SOM on float32 codes and on their float16 rounding (what a
+    ``--dtype float16`` store returns); compare with the difference between two SOM seeds."""
+    import numpy as np
+    import torch
+
+    from somprobe.classifier import load_trained
+    from somprobe.data import balanced_indices, load_dataset
+    from somprobe.extract import extract
+    from somprobe.models import build_model
+    from somprobe.run import Run
+    from somprobe.som.grid import Grid
+    from somprobe.som.map import SOM
+
+    torch.set_num_threads(1)
+    if run_dir:
+        model, what = load_trained(Run(run_dir), device="cpu"), f"trained model of {run_dir}"
+    else:
+        model, what = build_model("resnet18", num_classes=10, image_size=32, seed=0), "untrained resnet18 (seed 0)"
+    ds = load_dataset("mnist5k", split="train", image_size=32)
+    idx = balanced_indices(ds.labels, per_class, seed=0)
+    grid = Grid(20, 20)
+    print(f"float16 storage vs float32: {len(idx)} mnist5k images, {what}, 20x20 torus, online, "
+          "batch 10, 5 epochs, sigma 10, alpha 0.1")
+    print(f"  {'layer':<5} {'D':>5} {'max rel. code err':>17} {'same BMU f16':>12} {'same BMU seed':>13} "
+          f"{'mean BMU dist f16':>17} {'seed':>6} {'QE f32':>8} {'QE f16':>8}")
+    with tempfile.TemporaryDirectory() as d:
+        store = extract(model, ds, idx, layers="CL1-CL4", out=f"{d}/s", batch_size=100, device="cpu")
+        for layer in store.layers:
+            x32 = np.asarray(store.codes(layer))
+            x16 = x32.astype(np.float16).astype(np.float32)
+            err = float(np.abs(x16 - x32).max() / np.abs(x32).max())
+
+            def fit(x, seed):
+                som = SOM(20, 20, x.shape[1], seed=seed, device="cpu").fit(x)
+                return som, som.bmus(x, k=1)[0][:, 0]
+
+            s32, b32 = fit(x32, 0)
+            s16, b16 = fit(x16, 0)
+            _, bseed = fit(x32, 1)
+            dist16 = float(np.mean(grid.unit_distance(b32, b16)))
+            dseed = float(np.mean(grid.unit_distance(b32, bseed)))
+            print(f"  {layer:<5} {x32.shape[1]:>5} {err:>17.2e} {np.mean(b32 == b16):>12.3f} "
+                  f"{np.mean(b32 == bseed):>13.3f} {dist16:>17.3f} {dseed:>6.2f} "
+                  f"{s32.quantization_error(x32):>8.5f} {s16.quantization_error(x32):>8.5f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -137,9 +187,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="256 images, PGD on 64, one repeat")
     ap.add_argument("--no-cost", action="store_true", help="skip the per-image cost at 32/224 px")
+    ap.add_argument("--float16-som", action="store_true", help="only the float16-storage SOM check")
+    ap.add_argument("--run", help="run directory with a trained model for --float16-som")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.float16_som:
+        return float16_som_check(args.run)
     if args.quick:
         args.n, args.attack_n, args.repeats = 256, 64, 1
 

@@ -6,8 +6,9 @@ rank, the world size and its shard of the work. Without a distributed environmen
 process: rank 0 of a world of 1, barriers and reductions are no-ops.
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-:func:`init` reads them (``env://``) and picks the backend that fits the device: NCCL for CUDA,
-gloo for the CPU.
+:func:`init` reads them (``env://``), checks that every rank computes on the same kind of
+device and picks the backend that fits it: NCCL for CUDA tensor reductions, gloo for the CPU (and,
+on every device, for the small object collectives and checks).
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import torch
 __all__ = ["Context", "env_world", "init", "context", "shard_range", "shard_indices", "barrier",
            "all_reduce_", "is_distributed", "finalize", "all_gather_object", "broadcast_object",
            "agree", "on_main", "check_devices", "check_shared_dir", "batch_shard"]
+
+
+_NCCL = None  # the NCCL group of an all-CUDA job (init); None otherwise
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,8 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 1800.0) -> C
     Parameters
     ----------
     device : str or torch.device
-        The device this rank computes on; ``cuda`` picks NCCL (and this rank's local GPU),
-        anything else gloo.
+        The device this rank computes on; ``cuda`` selects this rank's local GPU and NCCL for
+        tensor reductions (objects and checks use the gloo default group on every device).
     timeout_s : float
         Collective timeout: a rank that dies makes the others fail after at most this long.
 
@@ -74,6 +78,11 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 1800.0) -> C
     -------
     Context
         This process's rank and world; world size 1 (nothing initialised) outside torchrun.
+
+    Raises
+    ------
+    DistributedError
+        Ranks resolve ``device`` to different kinds (names them; see :func:`check_devices`).
     """
     ctx = env_world()
     if ctx.world_size <= 1:
@@ -83,12 +92,20 @@ def init(device: str | torch.device = "auto", *, timeout_s: float = 1800.0) -> C
         return Context(ctx.rank, ctx.world_size, ctx.local_rank, dist.get_backend())
     dev = str(device)
     use_cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
-    backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(ctx.local_rank % max(1, torch.cuda.device_count()))
-    dist.init_process_group(backend=backend, init_method="env://", rank=ctx.rank,
-                            world_size=ctx.world_size, timeout=_dt.timedelta(seconds=timeout_s))
-    return Context(ctx.rank, ctx.world_size, ctx.local_rank, backend)
+    # The default group is gloo on every rank, whatever the device: ranks that would pick
+    # different devices (a node without a GPU under --device auto) then learn it from the check
+    # below instead of hanging in a NCCL/gloo mismatch. Once all agree on CUDA, an NCCL group
+    # carries the tensor reductions (all_reduce_); objects and checks stay on gloo.
+    global _NCCL
+    timeout = _dt.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="gloo", init_method="env://", rank=ctx.rank,
+                            world_size=ctx.world_size, timeout=timeout)
+    kind = _same_kind("cuda" if use_cuda else "cpu")
+    if kind == "cuda":
+        _NCCL = dist.new_group(backend="nccl", timeout=timeout)
+    return Context(ctx.rank, ctx.world_size, ctx.local_rank, "nccl" if kind == "cuda" else "gloo")
 
 
 def context() -> Context:
@@ -96,14 +113,16 @@ def context() -> Context:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         dist = torch.distributed
         return Context(dist.get_rank(), dist.get_world_size(), env_world().local_rank,
-                       dist.get_backend())
+                       "nccl" if _NCCL is not None else dist.get_backend())
     return env_world()
 
 
 def finalize() -> None:
     """Destroy the process group if this module (or anyone) initialised one."""
+    global _NCCL
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _NCCL = None
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -131,9 +150,12 @@ def barrier() -> None:
 
 
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place and return it (no-op in one process)."""
+    """Sum ``tensor`` over ranks in place and return it (no-op in one process).
+
+    CUDA tensors go over the NCCL group :func:`init` made, CPU tensors over gloo."""
     if is_distributed():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        group = _NCCL if tensor.is_cuda and _NCCL is not None else None
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -245,9 +267,13 @@ def check_devices(device: str | torch.device = "auto") -> str:
         names them and says to pass ``--device cpu`` or ``--device cuda`` explicitly.
     """
     from .device import resolve_device
+
+    return _same_kind(resolve_device(device).type)
+
+
+def _same_kind(kind: str) -> str:
     from .errors import DistributedError
 
-    kind = resolve_device(device).type
     kinds = all_gather_object(kind)
     if len(set(kinds)) > 1:
         by = "; ".join(f"{k} on rank{'s' if kinds.count(k) > 1 else ''} "
