@@ -73,11 +73,13 @@ def test_geometry_job_tables(job):
 
 def test_geometry_job_is_seeded(job, digits16, tmp_path):
     run, model, summary = job
-    again = Run(tmp_path / "again")
-    geometry_run(again, model=model, dataset=digits16, **SMALL)
-    a = pd.read_csv(run.geometry_dir / "curvature.csv")
-    b = pd.read_csv(again.geometry_dir / "curvature.csv")
-    pd.testing.assert_frame_equal(a, b, rtol=1e-4)
+    tiny = {**SMALL, "samples": 3, "subspace_samples": 3, "hsweep": ()}
+    a, b = Run(tmp_path / "a"), Run(tmp_path / "b")
+    for r in (a, b):
+        geometry_run(r, model=model, dataset=digits16, **tiny)
+    pd.testing.assert_frame_equal(pd.read_csv(a.geometry_dir / "curvature.csv"),
+                                  pd.read_csv(b.geometry_dir / "curvature.csv"), rtol=1e-4)
+    assert pd.read_csv(a.geometry_dir / "hsweep.csv").empty
 
 
 def test_geometry_job_bad_input(digits16, tmp_path):
