@@ -242,6 +242,9 @@ def train_classifier(model_name: str = TRAIN_DEFAULTS["model_name"], dataset="mn
         "augment": augment, "optimizer": "sgd-nesterov-onecycle", "device": str(dev),
         "val_accuracy": [], "train_loss": [], "epoch_seconds": [], "epochs_done": 0,
         "time_seconds": 0.0, "complete": False, "torch": torch.__version__,
+        # image folders: files left out as unreadable (the same list from both splits of a
+        # one-split folder)
+        "skipped_files": sorted(set(train_ds.skipped_files) | set(val_ds.skipped_files)),
     }
     start_epoch = 0
     if resume and old_meta is not None and state_path.is_file():

@@ -166,6 +166,9 @@ def train(out, model, data, data_root, download, image_size, epochs, batch_size,
     acc = meta.get("final_val_accuracy")
     click.echo(f"validation accuracy {acc:.4f} after {meta.get('epochs_done')} epochs "
                f"({meta.get('time_seconds', 0):.0f} s); model in {run.model_dir}")
+    if meta.get("skipped_files"):
+        click.echo(f"  {len(meta['skipped_files'])} unreadable file(s) skipped; names in "
+                   f"{run.model_meta} under skipped_files")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -442,3 +442,15 @@ def test_extract_says_what_cl_means_without_a_cls_token(tmp_path):
 
     st = open_store(out / "codes" / "tok", validate=True)
     assert st.layers == [f"TOK{i}" for i in range(1, 15)] and set(st.dims.values()) == {256}
+
+
+def test_train_records_and_prints_skipped_files(tmp_path):
+    root = _linked_folder(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--out", str(out), "--model", "test_resnet", "--data",
+                                    str(root), "--epochs", "1", "--image-size", "16", "--quiet",
+                                    "--device", "cpu"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "2 unreadable file(s) skipped" in res.output
+    meta = json.loads((out / "model" / "meta.json").read_text())
+    assert meta["skipped_files"] == ["0/bad.png", "1/gone.png"]
