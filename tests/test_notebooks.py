@@ -236,3 +236,28 @@ def test_geometry_detection_notebook(layer_probing, tmp_path, monkeypatch):
         g = scores[scores["attack"] == a]
         assert ((g["n_train"] + g["n_test"]) == 2 * n).all()
     assert images_shown(nb) >= 3   # curvature spectrum, rho boxes, ROC (+ AUC when any)
+
+
+# --------------------------------------------------------------------------- notebook 04 (issue 10)
+def test_barriers_regions_notebook(layer_probing, tmp_path, monkeypatch):
+    import pandas as pd
+
+    run = tmp_path / "run"
+    params = dict(RUN=str(run), DATA=SMALL["DATA"], MODEL=SMALL["MODEL"], MODEL_RUN=str(layer_probing[0]),
+                  TRAIN_EPOCHS=1, PAIRS=3, ITERS=10, MAX_DEPTH=2, SPACING=0.05, EPS=32 / 255,
+                  PGD_STEPS=5, TRIALS=10, SEED=0, DEVICE="cpu")
+    nb = execute("04_barriers_regions.ipynb", params, tmp_path, monkeypatch)
+    s = summary_of(nb)
+    # The toy cases have known answers: a barrier bypassed, a hole gone round.
+    assert s["toy_barrier"]["gap"] > 1 and s["toy_barrier"]["success"] and s["toy_barrier"]["rounds"] >= 1
+    assert s["toy_region"]["success"] and s["toy_region"]["anchors"] > 3
+    assert s["toy_region"]["length_ratio"] > 1.1
+    assert set(s["pairs"]) == {"nat", "adv", "noiseadv"}
+    for name in ("nat", "adv", "noiseadv"):
+        paths = pd.read_csv(run / "paths" / name / "paths.csv")
+        assert "regions" in set(paths["method"])
+    assert set(s["convexity_share"]) == {str(k) for k in range(2, 11)}
+    assert all(0.0 <= v <= 1.0 for v in s["convexity_share"].values())
+    # The model was reused, not retrained, and the figures were drawn inline.
+    assert not (run / "model").exists()
+    assert images_shown(nb) >= 6

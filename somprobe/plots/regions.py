@@ -16,7 +16,7 @@ from ..run import Run
 from .common import _PALETTE, _check, _empty_panel, _finite, _new_figure, _style, natural_sorted, read_table
 
 __all__ = ["plot_barrier_profiles", "plot_barrier_gaps", "plot_barrier_rounds", "plot_region_paths",
-           "plot_convexity", "setting_label", "figure_jobs", "GAP_FLOOR"]
+           "plot_convexity", "setting_label", "method_rows", "figure_jobs", "GAP_FLOOR"]
 
 #: Barrier gaps are drawn on a log axis; gaps at or below this (a flat line) are drawn at it.
 GAP_FLOOR = 1e-6
@@ -244,7 +244,9 @@ def _experiments(run: Run) -> list[tuple[str, pd.DataFrame | None, pd.DataFrame 
     return out
 
 
-def _with_settings(run: Run, method: str) -> pd.DataFrame | None:
+def method_rows(run: Run, method: str) -> pd.DataFrame | None:
+    """``paths.csv`` rows of ``method`` from every ``connect`` experiment of ``run``, with the
+    ``setting`` of their pair source and the ``experiment`` name (None when there are none)."""
     frames = []
     for name, paths, pairs in _experiments(run):
         if paths is None or "method" not in paths.columns:
@@ -271,11 +273,11 @@ def figure_jobs(run: Run, **_) -> list[tuple[str, callable]]:
         if paths is not None and prof is not None and "method" in prof.columns and \
                 prof["method"].astype(str).isin(["barrier", "regions"]).any():
             jobs.append((f"barrier-profiles-{name}", lambda d=prof: plot_barrier_profiles(d)))
-    barriers = _with_settings(run, "barrier")
+    barriers = method_rows(run, "barrier")
     if barriers is not None and {"barrier_gap", "rounds", "segments"} <= set(barriers.columns):
         jobs.append(("barrier-gaps", lambda d=barriers: plot_barrier_gaps(d)))
         jobs.append(("barrier-rounds", lambda d=barriers: plot_barrier_rounds(d)))
-    regions = _with_settings(run, "regions")
+    regions = method_rows(run, "regions")
     if regions is not None and {"anchors", "length_ratio"} <= set(regions.columns):
         jobs.append(("region-paths", lambda d=regions: plot_region_paths(d)))
     summaries = []
