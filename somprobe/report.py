@@ -53,6 +53,8 @@ SECTIONS = (
      "somprobe geometry"),  # issue 11
     ("detect", "Adversarial detection", r"^detect([-_].*)?$", "somprobe detect"),  # issue 11
     ("decoders", "Decoders: latent → image", r"^decoders([-_].*)?$", "somprobe decoder"),  # issue 9
+    ("connectivity", "Connectivity: linear and NEB paths (study 001)", r"^paths([-_].*)?$",
+     "somprobe connect"),  # issue 9
     ("barriers", "Barriers, region paths and convexity (studies 000, 002)",
      r"^(barrier|region|convexity)([-_].*)?$",
      "somprobe connect --method linear,barrier,regions (and somprobe convexity)"),  # issue 10
@@ -63,6 +65,9 @@ TABLE_GLOBS += ("detect/*.csv",)  # somprobe detect (issue 11)
 TABLE_GLOBS += ("geometry/*.csv",)  # somprobe geometry (issue 11)
 TABLE_GLOBS += ("decoders/*.csv",)  # somprobe decoder (issue 9)
 TABLE_GLOBS += ("paths/*/convexity_summary.csv",)  # somprobe convexity (issue 10)
+TABLE_GLOBS += ("paths/*/table1.csv", "paths/*/paths_summary.csv", "paths/*/paths.csv",
+                "paths/*/pairs.csv")  # somprobe connect (issue 9)
+SMALL_TABLES += ("table1", "paths_summary")  # somprobe connect (issue 9)
 SMALL_TABLES += ("convexity_summary",)  # issue 10
 # Which tables belong to which section (rendered or linked there; the rest under "Tables").
 # Entries are table names or fnmatch patterns ("paths/*/table1").
@@ -79,6 +84,8 @@ _SECTION_TABLES = {
     "geometry": ("geometry/table1", "geometry/noise", "geometry/curvature", "geometry/eigenvalues",
                  "geometry/projections", "geometry/hsweep"),  # issue 11
     "decoders": ("decoders/cards",),  # issue 9
+    "connectivity": ("paths/*/table1", "paths/*/paths_summary", "paths/*/paths",
+                     "paths/*/pairs"),  # issue 9
     "barriers": ("paths/*/convexity_summary",),  # issue 10
 }
 

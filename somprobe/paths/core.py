@@ -18,7 +18,7 @@ from .spaces import Space
 
 __all__ = [
     "PathBatch", "evaluate", "energy_and_grad", "segment_grid", "path_lengths", "check_paths",
-    "linear_profile", "path_profile", "empty_stats", "CHUNK",
+    "linear_profile", "path_profile", "resample", "empty_stats", "CHUNK",
 ]
 
 #: Default number of points per forward pass.
@@ -303,3 +303,41 @@ def path_profile(space: Space, batch: PathBatch, target: Tensor, *, points_per_s
     for k, v in res.items():
         out[k] = v.reshape(len(pair) * T, *v.shape[2:]).cpu().numpy()
     return out
+
+
+def resample(anchors: Tensor, n_anchors: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` points at equal arc length along each piecewise-linear path (ends included).
+
+    Parameters
+    ----------
+    anchors : Tensor [P, K, *shape]
+    n_anchors : LongTensor [P]
+    n : int
+        Points per path (>= 2).
+
+    Returns
+    -------
+    points : Tensor [P, n, *shape]
+    t : Tensor [P, n]
+        Their arc length over the path's length (``linspace(0, 1, n)``; the ends of a path of
+        length 0 are all its first point).
+    """
+    anchors = anchors.detach()
+    P, K = anchors.shape[:2]
+    flat = anchors.reshape(P, K, -1)
+    seg, _ = path_lengths(anchors, n_anchors)
+    cum = torch.cat([torch.zeros(P, 1, dtype=seg.dtype, device=seg.device), seg.cumsum(1)], 1)
+    t = torch.linspace(0, 1, n, dtype=seg.dtype, device=seg.device)[None].expand(P, n)
+    s = t * cum[:, -1:]
+    # The last valid segment holds s = length; padding segments have length 0 and come after.
+    last = (n_anchors.to(seg.device) - 2).clamp(min=0)[:, None]
+    idx = torch.minimum((torch.searchsorted(cum.contiguous(), s.contiguous(), right=True) - 1)
+                        .clamp(0, K - 2), last)
+    length = seg.gather(1, idx)
+    w = torch.where(length > 0, (s - cum.gather(1, idx)) / length.clamp(min=1e-30),
+                    torch.zeros_like(s)).clamp(0, 1)
+    D = flat.shape[2]
+    lo = flat.gather(1, idx[..., None].expand(P, n, D))
+    hi = flat.gather(1, (idx + 1)[..., None].expand(P, n, D))
+    pts = lo + w[..., None].to(flat.dtype) * (hi - lo)
+    return pts.reshape(P, n, *anchors.shape[2:]), t.float()

@@ -16,12 +16,13 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from . import pairs as _pairs
 from ..device import resolve_device
 from ..errors import PathError
 from ..run import Run, atomic_output, atomic_write_json, save_csv
-from .core import PathBatch, check_paths, path_profile
+from .core import PathBatch, check_paths, path_profile, resample
 from .spaces import encode_images, make_space
 from .linear import find_linear
 from .neb import find_neb
@@ -30,7 +31,7 @@ from .barrier import BARRIER_EXTRAS, check_barrier_params, find_barrier
 from .regions import REGION_EXTRAS, check_region_params, find_region_path
 
 __all__ = ["MethodSpec", "METHODS", "register_method", "PATHS_COLUMNS", "TABLE1_COLUMNS",
-           "connect_run", "connectivity_table"]
+           "connect_run", "connectivity_table", "method_summary"]
 
 #: Common columns of ``paths.csv`` (method-specific extras follow them).
 PATHS_COLUMNS = [
@@ -156,6 +157,18 @@ def connectivity_table(paths: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE1_COLUMNS)
 
 
+def method_summary(paths: pd.DataFrame) -> pd.DataFrame:
+    """Per space × method: pairs, paths found, linearly connectable, failed, iterations, length
+    ratio and seconds per pair (``paths_summary.csv``)."""
+    g = paths.assign(path_ok=paths["path_ok"].astype(bool), linear_ok=paths["linear_ok"].astype(bool),
+                     failed=paths["failed"].astype(bool)).groupby(["space", "method"], sort=False)
+    out = g.agg(pairs=("pair", "size"), path_ok=("path_ok", "sum"), linear_ok=("linear_ok", "sum"),
+                failed=("failed", "sum"), iterations_mean=("iterations", "mean"),
+                length_ratio_median=("length_ratio", "median"), max_loss_median=("max_loss", "median"),
+                seconds_per_pair=("seconds", "mean"))
+    return out.reset_index()
+
+
 def _predict(model, dataset, positions, size, device, batch_size=256) -> np.ndarray:
     from ..attacks.core import predict_labels
 
@@ -250,9 +263,10 @@ def _images_b(dataset, load_b, size):
     return torch.as_tensor(np.ascontiguousarray(load_b[1][load_b[2]]), dtype=torch.float32)
 
 
-def _profile_rows(prof: dict, pairs: list, space: str, method: str, classes: int) -> pd.DataFrame:
+def _profile_rows(prof: dict, pairs: list, target: np.ndarray, space: str, method: str,
+                  classes: int) -> pd.DataFrame:
     df = pd.DataFrame({"pair": np.asarray(pairs, dtype=object)[prof["pair"]], "space": space,
-                       "method": method, "t": prof["t"], "pred": prof["pred"],
+                       "method": method, "class": target[prof["pair"]], "t": prof["t"], "pred": prof["pred"],
                        "p_target": prof["p_target"], "loss": prof["loss"]})
     for c in range(classes):
         df[f"p_{c}"] = prof["probs"][:, c]
@@ -266,6 +280,66 @@ def _done(paths: pd.DataFrame, space: str, method: str, out: Path) -> bool:
 
 def _key(space: str) -> str:
     return space.replace(":", "-").replace("/", "-")
+
+
+def _to_uint8(x: Tensor) -> np.ndarray:
+    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _path_images(run: Run, out: Path, model, space_objs: dict, methods, *, n_pairs: int, n_show: int,
+                 device) -> dict[str, str]:
+    """Images at ``n_show`` equal arc-length points of the first paths, for the figures.
+
+    Pixels in ``input``; a layer's latents decoded by its trained decoder. Written once per
+    space × method (kept on resume); returns what happened per ``space/method``.
+    """
+    from ..errors import SomprobeError
+
+    done: dict[str, str] = {}
+    if n_pairs < 1 or n_show < 2:
+        return done
+    for space in space_objs.values():
+        decoder = None
+        for method in methods:
+            key = f"{_key(space.name)}__{method}"
+            src, dst = out / "points" / f"{key}.npz", out / "images" / f"{key}.npz"
+            if not src.is_file():
+                continue
+            if dst.is_file():
+                done[f"{space.name}/{method}"] = "kept"
+                continue
+            if space.clip is None and decoder is None:
+                if not run.decoder_path(space.name).is_file():
+                    done[f"{space.name}/{method}"] = (f"no decoder for {space.name}: run `somprobe decoder "
+                                                      f"--out {run.root} --layer {space.name}`, then "
+                                                      "connect --resume to add decoded images")
+                    continue
+                try:
+                    from .decoder_job import load_decoder
+
+                    decoder = load_decoder(run, space.name, device=device)
+                except (SomprobeError, ImportError) as e:
+                    done[f"{space.name}/{method}"] = str(e)
+                    continue
+            with np.load(src, allow_pickle=False) as z:
+                anchors = torch.as_tensor(z["anchors"][:n_pairs])
+                n_anchors = torch.as_tensor(z["n_anchors"][:n_pairs])
+                pair = z["pair"][:n_pairs]
+            pts, t = resample(anchors, n_anchors, n_show)
+            flat = pts.reshape(-1, *pts.shape[2:]).to(device)
+            if space.clip is None:
+                from .decoders import decode
+
+                imgs = decode(decoder, flat)
+            else:
+                imgs = flat
+            imgs = _to_uint8(imgs).reshape(len(pair), n_show, *imgs.shape[1:])
+            with atomic_output(dst) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, images=imgs, t=t.cpu().numpy(), pair=pair,
+                             decoded=np.asarray(space.clip is None))
+            done[f"{space.name}/{method}"] = "decoded" if space.clip is None else "pixels"
+    return done
 
 
 def connect_run(
@@ -282,6 +356,7 @@ def connect_run(
     options: dict | None = None,
     max_pool: int = 2000,
     profile_pairs: int = 4,
+    n_show: int = 8,
     chunk: int = 1024,
     seed: int = 0,
     device="auto",
@@ -319,7 +394,11 @@ def connect_run(
         Same-class and adversarial pairs are drawn from at most this many clean samples (a
         seeded subset), whose predictions are computed.
     profile_pairs : int
-        Pairs whose loss/softmax profiles go to ``profiles.csv`` (for figures).
+        Pairs whose loss/softmax profiles go to ``profiles.csv`` and whose images along the
+        path go to ``images/`` (for figures).
+    n_show : int
+        Images per path in ``images/``: pixels for ``input``, decoded latents where ``somprobe
+        decoder`` trained a decoder for the layer (skipped otherwise; ``summary.json`` says so).
     chunk : int
         Points per forward pass.
     seed : int
@@ -358,10 +437,11 @@ def connect_run(
     if not spaces:
         raise PathError("no space given: pass e.g. --space input,CL1")
     if overwrite and out.is_dir() and not resume:
-        for f in ("summary.json", "paths.csv", "table1.csv", "profiles.csv", "pairs.csv"):
+        for f in ("summary.json", "paths.csv", "table1.csv", "profiles.csv", "pairs.csv", "paths_summary.csv"):
             (out / f).unlink(missing_ok=True)
-        for f in (out / "points").glob("*.npz") if (out / "points").is_dir() else ():
-            f.unlink()
+        for sub in ("points", "images"):
+            for f in (out / sub).glob("*.npz") if (out / sub).is_dir() else ():
+                f.unlink()
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
@@ -444,7 +524,8 @@ def connect_run(
                 prof = path_profile(space, sub, target[:k_prof], points_per_segment=per_seg,
                                     chunk=chunk, probs=True)
                 n_classes = n_classes or prof["probs"].shape[1]
-                rows_p = _profile_rows(prof, pair_names[:k_prof], space.name, method, prof["probs"].shape[1])
+                rows_p = _profile_rows(prof, pair_names[:k_prof], target[:k_prof].cpu().numpy(), space.name,
+                                       method, prof["probs"].shape[1])
                 if profiles is not None:
                     profiles = profiles[~((profiles["space"] == space.name) & (profiles["method"] == method))]
                 profiles = rows_p if profiles is None or not len(profiles) else \
@@ -452,14 +533,17 @@ def connect_run(
                 save_csv(out / "profiles.csv", profiles)
             save_csv(out / "paths.csv", paths)
             save_csv(out / "table1.csv", connectivity_table(paths))
+            save_csv(out / "paths_summary.csv", method_summary(paths))
 
+    images = _path_images(run, out, model, space_objs, methods, n_pairs=profile_pairs, n_show=n_show,
+                          device=dev)
     t1 = connectivity_table(paths) if len(paths) else pd.DataFrame(columns=TABLE1_COLUMNS)
     summary = {
         "name": name, "pair_source": str(pair_source), "pairs": int(len(table)), "counts": counts,
         "spaces": [space_objs[s].name for s in spaces], "methods": methods,
         "options": {m: {k: options.get(k, v) for k, v in METHODS[m].options.items()} for m in methods},
         "seed": int(seed), "device": str(dev), "image_size": size, "timings": timings,
-        "seconds": time.perf_counter() - t_start,
+        "seconds": time.perf_counter() - t_start, "images": images,
         "table1": t1.astype(object).where(t1.notna(), None).to_dict(orient="records"),
     }
     atomic_write_json(out / "summary.json", summary)

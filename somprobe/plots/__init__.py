@@ -21,6 +21,7 @@ from . import detect as _detect  # somprobe detect (issue 11)
 from . import geometry as _geometry  # somprobe geometry (issue 11)
 from . import decoders as _decoders  # somprobe decoder (issue 9)
 from . import regions as _regions  # barrier bypass, region paths, convexity (issue 10)
+from . import paths as _paths  # somprobe connect: linear and NEB paths (issue 9)
 from .common import DPI, natural_key, natural_sorted, save_figure
 from .shifts import plot_attacks, plot_shifts
 from .som import (
@@ -49,6 +50,7 @@ SECTIONS = [_som, _shifts]
 SECTIONS.append(_geometry)  # boundary curvature, shared subspace (issue 11)
 SECTIONS.append(_detect)  # detection ROC / AUC (issue 11)
 SECTIONS.append(_decoders)  # latent decoders (issue 9, somprobe decoder)
+SECTIONS.append(_paths)  # connectivity: linear and NEB paths (issue 9, somprobe connect)
 SECTIONS.append(_regions)  # barriers, region paths, convexity (issue 10)
 
 
