@@ -418,7 +418,11 @@ class CodeStore:
                              "`somprobe extract` (with --overwrite if the directory is in use)")
         self.manifest: dict = _read_manifest(self.path)
         if not self.manifest.get("complete"):
-            raise StoreError(f"code store {self.path} is incomplete ({self.manifest.get('rows_completed', 0)} "
+            try:  # rows of every rank (issue 12), not only the manifest's one-process count
+                done = sum(b - a for a, b in done_intervals(self.path))
+            except StoreError:
+                done = self.manifest.get("rows_completed", 0)
+            raise StoreError(f"code store {self.path} is incomplete ({done} "
                              f"of {self.manifest.get('n_rows', '?')} rows): finish it with "
                              "`somprobe extract --resume` (same options) or redo it with --overwrite")
         for key in ("layers", "dims", "n_rows", "files"):

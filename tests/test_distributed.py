@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from somprobe import distributed as dist
-from somprobe.errors import DistributedError
+from somprobe.errors import DistributedError, StoreError
 from somprobe.extract import _pieces
 from somprobe.store import done_intervals, merge_intervals, open_store
 
@@ -276,6 +276,8 @@ def test_failing_rank_is_named_and_store_stays_incomplete(two_ranks):
     progress = json.loads((path / "progress-rank1.json").read_text())
     assert progress["status"] == "failed" and progress["done"] == [[16, 24]]
     assert done_intervals(path) == [[0, 24]]
+    with pytest.raises(StoreError, match=r"incomplete \(24 of 30 rows\).*--resume"):
+        open_store(path)
 
 
 def test_directory_not_shared_is_detected(two_ranks):
@@ -336,7 +338,6 @@ def test_killed_rank_named_then_torchrun_resume_completes(tmp_path, reference):
 # float16 storage
 # ---------------------------------------------------------------------------------------------
 def test_float16_store_halves_disk_and_reads_back_float32(tmp_path, reference):
-    from somprobe.errors import StoreError
     from somprobe.extract import extract
 
     model, ds, idx = _setup()
