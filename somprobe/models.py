@@ -223,8 +223,8 @@ def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | 
     kwargs: dict = {"in_chans": in_chans}
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
-    if _is_vit_like(name):
-        # lets a ViT take inputs smaller than its 224 default (e.g. 28×28 digits upsampled to 32)
+    if _takes_dynamic_size(name):
+        # lets a ViT or Swin take inputs other than its 224 default (e.g. digits at 32 px)
         kwargs["dynamic_img_size"] = True
     try:
         # timm initialises from torch's global generator: seed a forked copy so random weights
@@ -307,7 +307,7 @@ def check_input_size(model: nn.Module, image_size: int) -> None:
         model.train(was_training)
 
 
-def _is_vit_like(name: str) -> bool:
+def _takes_dynamic_size(name: str) -> bool:
     """Whether ``name``'s timm model class takes ``dynamic_img_size`` (ViT, DeiT, EVA, Swin ...).
 
     Those classes otherwise assert the exact input size they were built for (Swin at 64 px), so
