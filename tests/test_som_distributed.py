@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def _worker(rank, world, port, tmp):
             out[key] = "ok"
         except Exception as e:  # noqa: BLE001 - reported to the parent
             out[key] = f"{type(e).__name__}: {e}"
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+            json.dump(out, f)  # after every scenario: the last one kills rank 1
 
     try:
         dist.init("cpu", timeout_s=60)
@@ -83,17 +86,29 @@ def _worker(rank, world, port, tmp):
                                            layers=["CL2"], **KW))
         # CL2 (the larger) goes to rank 0, CL1 (a zero row: cosine refuses it) to rank 1
         attempt("failing", lambda: fit_run(Run(os.path.join(tmp, "failing")), sizes="3", **KW))
+        if rank == 1:  # rank 1 dies right after the first checkpoint of its first map
+            saves = []
+            real_save = SOM.save
+
+            def save(self, path, **kw):
+                saves.append(path)
+                if len(saves) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_save(self, path, **kw)
+
+            SOM.save = save
+        attempt("kill", lambda: fit_run(Run(os.path.join(tmp, "kill")), sizes=SIZES, **KW))
     except Exception:  # noqa: BLE001
         out["crash"] = traceback.format_exc()
-    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+            json.dump(out, f)
     dist.finalize()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ranks")
-    for name in ("spread", "online", "batch", "one-map"):
+    for name in ("spread", "online", "batch", "one-map", "kill"):
         make_run(tmp / name)
     make_run(tmp / "failing", zero_layer="CL1")
     ctx = mp.get_context("spawn")
@@ -196,6 +211,25 @@ def test_failing_rank_is_named_and_finished_maps_are_kept(two_ranks):
     run = Run(tmp / "failing")
     assert run.som_path("CL2", 3, 3).is_file() and not run.som_path("CL1", 3, 3).is_file()
     assert set(pd.read_csv(run.curves_csv)["layer"]) == {"CL2"}
+
+
+def test_killed_rank_is_reported_and_resume_in_one_process_completes(two_ranks, reference):
+    from somprobe.run import Run
+
+    tmp, res = two_ranks
+    assert "kill" not in res[1]  # it died
+    assert res[0]["kill"].startswith("DistributedError") and "another rank stopped" in res[0]["kill"]
+    run = Run(tmp / "kill")
+    # rank 1's first map (CL1 6x6 by the longest-first assignment) left a checkpoint, no map
+    assert not run.som_path("CL1", 6, 6).is_file()
+    assert (run.soms_dir / "CL1-6x6.ckpt.pt").is_file()
+    fit_run(run, sizes=SIZES, resume=True, **KW)
+    a, b = _maps(reference[0]), _maps(run)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].weights, b[name].weights), name
+    assert reference[0].curves_csv.read_bytes() == run.curves_csv.read_bytes()
+    assert not list(run.soms_dir.glob("*.ckpt*"))
 
 
 def test_cli_under_torchrun_spreads_maps(tmp_path, reference):
