@@ -239,6 +239,9 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
     results = [] if into is None else into
     try:
         with torch_threads(threads):
+            # this process takes the longest task first; a worker pays its start-up (imports)
+            # on the next one while this process already computes
+            first = take()
             if workers > 1 and len(tasks) > 1:
                 ctx = mp.get_context("spawn")
                 counter, stop = ctx.Value("q", 0), ctx.Event()
@@ -276,7 +279,7 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
                 feeder = threading.Thread(target=feed, daemon=True)
                 feeder.start()
             while True:
-                task = take()
+                task, first = (first, None) if first is not None else (take(), None)
                 if task is None:
                     break
                 try:
