@@ -180,7 +180,7 @@ def launch(a, job, ranks, run, **extra):
 
 def part2(a, tmp):
     run = make_run(os.path.join(tmp, "p2"), a.n)
-    print(f"\n== Part 2: torchrun ranks x 1 thread (gloo, CPU)")
+    print("\n== Part 2: torchrun ranks x 1 thread (gloo, CPU)")
     t1 = launch(a, "spread", 1, str(run.root))
     t2 = launch(a, "spread", 2, str(run.root))
     print(f"sixteen maps, 1 rank: {t1:.2f} s; 2 ranks (maps spread): {t2:.2f} s; "

@@ -13,7 +13,7 @@ import torch
 
 from somprobe.errors import SOMError
 from somprobe.som import SOM, parallel
-from somprobe.som.job import bmus_dist_path, fit_run
+from somprobe.som.job import fit_run
 
 BIG = parallel.THREADED_STEP_FLOPS
 

@@ -201,9 +201,9 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
     Returns
     -------
     list of (task, result)
-        In order of completion (``into`` if given). When a task fails the others stop at their next progress call
-        (what they finished stays written) and the first error is raised: a somprobe error as
-        it is, a dead worker as :class:`SOMError` naming the task.
+        In order of completion (``into`` if given). When a task fails the others stop at their
+        next progress call (what they finished stays written) and the first error is raised: a
+        somprobe error as it is, a dead worker as :class:`SOMError` naming the task.
     """
     tasks = list(tasks)
     bar = None
