@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--detectors",
                    default="curvature,loss_curve,som_distance,input_mfs,mahalanobis,max_softmax")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--eps", type=float, default=8 / 255,
+                   help="Linf budget of FGSM/BIM/PGD (BIM 10 steps of eps/8, PGD 20 of eps/4).")
     p.add_argument("--directions", type=int, default=20,
                    help="T, random directions of the curvature detector (Algorithm 2).")
     p.add_argument("--resume", action="store_true", help="Reuse attacks and cached characteristics.")
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     threads = set_threads(a.threads)
 
     from somprobe.detect import metrics as M
-    from somprobe.detect.job import build_detector, detect_run, som_context
+    from somprobe.detect.job import build_detector, detect_run, linf_attack_options, som_context
 
     if a.quick:
         a.samples, a.seeds, a.attacks = 60, "0,1", "fgsm,pgd"
@@ -77,8 +79,10 @@ def main(argv=None) -> int:
     res = detect_run(run, attacks=a.attacks, detectors=a.detectors,
                      seeds=[int(s) for s in a.seeds.split(",")], n=a.samples, device=a.device,
                      detector_options={"curvature": {"n_directions": a.directions}},
+                     attack_options=linf_attack_options(a.eps),
                      resume=a.resume, on_stage=say)
     wall = time.perf_counter() - t0
+    print(f"Linf budget of FGSM/BIM/PGD: {a.eps:.4g} ({a.eps * 255:.3g}/255)")
     print(f"\ndetect_run: {wall:.0f} s (attacks + characteristics + {len(res['scores'])} fits)\n")
 
     # ---- 1. the table per attack

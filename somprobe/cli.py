@@ -705,7 +705,8 @@ def geometry(out, samples, subspace_samples, data_split, data_name, data_root, d
 @click.option("--samples", type=int, default=300, show_default=True,
               help="Clean images drawn from --split; only correctly classified ones are attacked.")
 @click.option("--split", default="val", show_default=True, help="Dataset split of the clean images.")
-@click.option("--eps", help="Linf budget of fgsm/bim/pgd, e.g. 8/255 (default 8/255).")
+@click.option("--eps", help="Linf budget of fgsm/bim/pgd, e.g. 8/255 (default 8/255; BIM takes 10 "
+                            "steps of eps/8, PGD 20 of eps/4).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--no-figures", is_flag=True, help="Only the tables, no ROC/AUC figures.")
 @DEVICE
@@ -725,8 +726,9 @@ def detect(out, attacks, detectors, seeds, samples, split, eps, batch_size, no_f
     t0 = time.perf_counter()
     options = None
     if eps is not None:
-        e = _fraction(eps, "--eps")
-        options = {a: {"eps": e} for a in ("fgsm", "bim", "pgd")}
+        from .detect.job import linf_attack_options
+
+        options = linf_attack_options(_fraction(eps, "--eps"))
     res = detect_run(run, attacks=attacks, detectors=detectors, seeds=_csv(seeds, int) or (),
                      n=samples, split=split, attack_options=options, batch_size=batch_size,
                      device=device, resume=resume, progress=not quiet,

@@ -12,7 +12,7 @@ from typing import Callable
 
 from .run import Run
 
-__all__ = ["run_demo", "DEMO_DEFAULTS"]
+__all__ = ["run_demo", "DEMO_DEFAULTS", "DEMO_CONNECT"]
 
 DEMO_DEFAULTS = dict(data="mnist5k", model="resnet18", per_class=50, sizes=(20,), layers="all",
                      som_epochs=5, som_batch_size=10, attack_eps=4 / 255, attack_steps=50)
@@ -21,18 +21,78 @@ DEMO_DEFAULTS = dict(data="mnist5k", model="resnet18", per_class=50, sizes=(20,)
 #: The demo's detection stage (issue 11): a small `somprobe detect` with the quick detectors.
 DEMO_DETECT = dict(attacks=("pgd", "fgsm"),
                    detectors=("loss_curve", "som_distance", "input_mfs", "mahalanobis", "max_softmax"),
-                   seeds=(0, 1, 2), n=100,
-                   attack_options={"pgd": {"eps": 8 / 255, "steps": 10, "step_size": 2 / 255}},
-                   detector_options={"loss_curve": {"n_points": 8}})
+                   seeds=(0, 1, 2), n=60,
+                   # 0.1 = 25.5/255: MNIST-sized digits shrug off CIFAR's 8/255 (few successes)
+                   attack_options={"fgsm": {"eps": 0.1},
+                                   "pgd": {"eps": 0.1, "steps": 10, "step_size": 0.025}},
+                   detector_options={"loss_curve": {"n_points": 6}})
 
 
 def _detect_stage(run: Run, *, seed: int, device, progress: bool, say) -> dict:
-    """PGD and FGSM on 100 clean validation images, five quick detectors, three split seeds."""
+    """PGD and FGSM on 60 clean validation images, five quick detectors, three split seeds."""
     from .detect.job import detect_run
 
     say(f"detection: {', '.join(DEMO_DETECT['attacks'])} × {', '.join(DEMO_DETECT['detectors'])}")
     res = detect_run(run, **DEMO_DETECT, sample_seed=seed, device=device, progress=progress)
     return {"summary": res["summary"], "seconds": res["seconds"]}
+
+
+#: The demo's barrier / region-path stage (issue 10): a few natural and natural–adversarial pairs.
+DEMO_BARRIERS = dict(pairs=3, methods=("linear", "barrier", "regions"),
+                     options={"iters": 64, "max_depth": 3, "spacing": 1e-2, "region_depth": 6,
+                              "points": 50})
+
+
+def _barrier_stage(run: Run, *, net, dataset, indices, seed: int, device, progress: bool, say) -> dict:
+    """Barrier bypass and region paths on 3 natural and 3 natural–adversarial (adv-pgd) pairs."""
+    from .errors import PathError
+    from .paths.job import connect_run
+
+    say(f"barrier bypass and region paths: {DEMO_BARRIERS['pairs']} natural and "
+        f"{DEMO_BARRIERS['pairs']} natural–adversarial pairs")
+    out = {}
+    for name, source in (("barrier-nat", "same-class"), ("barrier-adv", "adversarial:adv-pgd")):
+        try:
+            out[name] = connect_run(run, model=net, dataset=dataset, indices=indices, name=name,
+                                    pair_source=source, n_pairs=DEMO_BARRIERS["pairs"],
+                                    methods=DEMO_BARRIERS["methods"], options=DEMO_BARRIERS["options"],
+                                    seed=seed, device=device, overwrite=True, progress=progress)
+        except PathError as e:  # e.g. too few successful adversarial images to pair
+            say(f"skipped {name}: {e}")
+    return out
+
+
+#: The demo's connectivity stage (issue 9): a few same-class pairs joined by straight lines and
+#: NEB paths in pixel space and one latent, whose decoder is trained briefly for the figures.
+DEMO_CONNECT = dict(name="default", spaces=("input", "CL3"), pairs=4, methods=("linear", "neb"),
+                    options={"steps": 30, "points": 20}, decoder_layer="CL3",
+                    decoder=dict(epochs=2, max_train=1000, max_val=200))
+
+
+def _connect_stage(run: Run, *, net, data: str, dataset, indices, seed: int, device, data_root,
+                   progress: bool, say) -> dict:
+    """One small decoder, then straight and NEB paths between same-class pairs (study 001)."""
+    from .paths.job import connect_run
+
+    layer = DEMO_CONNECT["decoder_layer"]
+    out = {}
+    try:
+        from .paths.decoder_job import train_decoders
+
+        say(f"training a small decoder for {layer} (for decoded images along the paths)")
+        out["decoder"] = train_decoders(run, layer, model=net, dataset=data, data_root=data_root,
+                                        seed=seed, device=device, overwrite=True, progress=progress,
+                                        **DEMO_CONNECT["decoder"]).get(layer)
+    except ImportError:  # decoders not available: the figures show the bars without images
+        out["decoder"] = None
+    say(f"connectivity: {DEMO_CONNECT['pairs']} same-class pairs, linear and NEB paths in "
+        f"{' and '.join(DEMO_CONNECT['spaces'])}")
+    out["connect"] = connect_run(run, model=net, dataset=dataset, indices=indices,
+                                 name=DEMO_CONNECT["name"], spaces=DEMO_CONNECT["spaces"],
+                                 n_pairs=DEMO_CONNECT["pairs"], methods=DEMO_CONNECT["methods"],
+                                 options=DEMO_CONNECT["options"], seed=seed, device=device,
+                                 overwrite=True, progress=progress)
+    return out
 
 
 def _reusable_model(run: Run, model: str, data: str) -> bool:
@@ -63,6 +123,8 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
              attack_eps: float = DEMO_DEFAULTS["attack_eps"],
              attack_steps: int = DEMO_DEFAULTS["attack_steps"], data_root=None, seed: int = 0,
              device="auto", progress: bool = False, detect: bool = True,
+             barrier_paths: bool = True,
+             connect: bool = True,
              on_stage: Callable[[str], None] | None = None) -> dict:
     """Run study 003's pipeline end to end into one run directory.
 
@@ -95,6 +157,12 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     detect : bool
         Add the small detection table (:data:`DEMO_DETECT`: PGD and FGSM, the detectors that need
         no long fitting) to the report.
+    barrier_paths : bool
+        Add the small barrier / region-path section (:data:`DEMO_BARRIERS`: 3 natural and 3
+        natural–adversarial pairs, linear, barrier bypass and region paths) to the report.
+    connect : bool
+        Add the small connectivity section (:data:`DEMO_CONNECT`: a decoder for CL3 trained for
+        2 short epochs, 4 same-class pairs, straight and NEB paths in pixels and CL3).
     on_stage : callable, optional
         Called with a short message before each stage (the CLI prints it).
 
@@ -156,6 +224,11 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
 
     detection = _detect_stage(run, seed=seed, device=device, progress=progress, say=say) \
         if detect else None
+    barriers = _barrier_stage(run, net=net, dataset=val_ds, indices=val_idx, seed=seed, device=device,
+                              progress=progress, say=say) if barrier_paths else None
+    connectivity = _connect_stage(run, net=net, data=data, dataset=val_ds, indices=val_idx, seed=seed,
+                                  device=device, data_root=data_root, progress=progress,
+                                  say=say) if connect else None
 
     say("drawing figures and writing the report")
     figures = plot_run(run)
@@ -163,4 +236,5 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
     return {"run": run.root, "report": report, "figures": figures,
             "tables": sorted(str(run.table(n)) for n in tables),
             "val_accuracy": meta.get("final_val_accuracy", (meta.get("val_accuracy") or [None])[-1]),
-            "attacks": summaries, "detection": detection}
+            "attacks": summaries, "detection": detection, "barriers": barriers,
+            "connectivity": connectivity}

@@ -37,19 +37,32 @@ from ..run import Run, atomic_output, atomic_write_json, save_csv
 from . import metrics as _m
 from .base import eval_mode
 
-__all__ = ["detect_run", "ATTACKS", "DETECTORS", "ATTACK_DEFAULTS", "SCORES_COLUMNS",
+__all__ = ["detect_run", "ATTACKS", "DETECTORS", "ATTACK_DEFAULTS", "linf_attack_options", "SCORES_COLUMNS",
            "SUMMARY_COLUMNS", "build_detector", "som_context", "attack_name"]
 
 ATTACKS = ("fgsm", "bim", "pgd", "deepfool", "cw")
 DETECTORS = ("curvature", "loss_curve", "som_distance", "input_mfs", "mahalanobis", "max_softmax")
-#: Attack settings of the benchmark: Harder et al.'s Linf budget 8/255 for FGSM, BIM and PGD; BIM
-#: 10 steps of 1/255 (Kurakin et al.'s rule, min(eps + 4, 1.25 eps) steps in /255 units); PGD 20
-#: steps of 2/255 from a random start; DeepFool (overshoot 0.02, at most 50 iterations) and
-#: Carlini-Wagner L2 (3 binary-search steps × 50 Adam iterations) as attack_run runs them.
+DEFAULT_EPS = 8 / 255
+
+
+def linf_attack_options(eps: float = DEFAULT_EPS) -> dict:
+    """FGSM / BIM / PGD settings at the Linf budget ``eps`` (the benchmark's rules).
+
+    FGSM one step of ``eps``; BIM 10 steps of ``eps/8`` (1.25·eps of travel, Kurakin et al.'s
+    ratio); PGD 20 steps of ``eps/4`` from a random start. At 8/255 (Harder et al.'s CIFAR budget,
+    the default) that is BIM 10 × 1/255 and PGD 20 × 2/255.
+    """
+    eps = float(eps)
+    return {"fgsm": {"eps": eps},
+            "bim": {"eps": eps, "steps": 10, "step_size": eps / 8},
+            "pgd": {"eps": eps, "steps": 20, "step_size": eps / 4}}
+
+
+#: Attack settings of the benchmark: :func:`linf_attack_options` at 8/255; DeepFool (overshoot
+#: 0.02, at most 50 iterations) and Carlini-Wagner L2 (3 binary-search steps × 50 Adam
+#: iterations) as attack_run runs them.
 ATTACK_DEFAULTS = {
-    "fgsm": {"eps": 8 / 255},
-    "bim": {"eps": 8 / 255, "steps": 10, "step_size": 1 / 255},
-    "pgd": {"eps": 8 / 255, "steps": 20, "step_size": 2 / 255},
+    **linf_attack_options(DEFAULT_EPS),
     "deepfool": {"steps": 50, "overshoot": 0.02},
     "cw": {"steps": 50, "binary_search_steps": 3},
 }
