@@ -63,7 +63,8 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except (SomprobeError, ValueError, FileNotFoundError, FileExistsError) as e:
             # Library errors already name the problem and the fix; a traceback adds nothing.
-            raise click.ClickException(str(e)) from e
+            # One line: messages quoting torch/PIL errors can carry their line breaks.
+            raise click.ClickException(" ".join(str(e).split())) from e
         except OSError as e:
             # a path that is a file, not writable, a full disk: the user's to fix, not a bug
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""

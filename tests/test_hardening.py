@@ -244,6 +244,8 @@ def test_cli_prints_no_traceback_for_broken_inputs(tmp_path):
           "--image-size", "16"], "unknown dataset"),
         ([*ex, "--out", run, "--model", "test_resnet", "--data", "digits", "--layers", "CLS1",
           "--image-size", "16"], "unknown layer"),
+        ([*ex, "--out", run, "--model", "test_resnet", "--checkpoint", str(a_file), "--data",
+          "digits", "--image-size", "16"], "cannot read checkpoint"),  # torch's message is multi-line
         (["fit", "--out", str(tmp_path / "empty"), "--quiet"], "somprobe extract"),
         (["shift", "--out", str(tmp_path / "empty"), "--quiet"], "somprobe fit"),
     ]
