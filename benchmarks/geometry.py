@@ -73,6 +73,11 @@ def main(argv=None) -> None:
                          subspace_samples=a.subspace_samples, directions=a.directions, k=a.k,
                          h=a.h or DEFAULT_H, device=a.device, seed=a.seed, progress=True)
             print(f"{src.name}: geometry in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        from somprobe.plots.common import save_figure
+        from somprobe.plots.geometry import figure_jobs
+
+        for name, make in figure_jobs(dst):
+            save_figure(make(), dst.figure(name))
         s = json.loads(summary_path.read_text())
         curv = pd.read_csv(dst.geometry_dir / "curvature.csv")
         noise = pd.read_csv(dst.geometry_dir / "noise.csv")

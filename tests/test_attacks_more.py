@@ -182,12 +182,13 @@ def test_attack_job_runs_bim_deepfool_cw(tmp_path, attack):
     model = build_model("test_resnet", num_classes=10, image_size=16, seed=0)
     idx = balanced_indices(ds.labels, 1, seed=0)
     run = Run(tmp_path / "run")
-    s = attack_run(run, model=model, dataset=ds, indices=idx, attack=attack, eps=8 / 255, steps=3,
-                   batch_size=4, device="cpu", extract=False, binary_search_steps=2)
+    returned = attack_run(run, model=model, dataset=ds, indices=idx, attack=attack, eps=8 / 255,
+                          steps=3, batch_size=4, device="cpu", extract=False, binary_search_steps=2)
     d = run.attack_dir(f"adv-{attack}")
     images = np.load(d / "images.npy")
     assert images.shape == (10, 3, 16, 16)
     summary = json.loads((d / "summary.json").read_text())
+    assert summary["converged_rate"] == returned["converged_rate"]
     assert summary["attack"] == attack and summary["n"] == 10
     x = ds.images(idx, 16)
     direct = {"bim": lambda: bim(model, x[:4], torch.as_tensor(ds.labels[idx[:4]]), eps=8 / 255,
