@@ -64,9 +64,9 @@ def _barrier_stage(run: Run, *, net, dataset, indices, seed: int, device, progre
 
 #: The demo's connectivity stage (issue 9): a few same-class pairs joined by straight lines and
 #: NEB paths in pixel space and one latent, whose decoder is trained briefly for the figures.
-DEMO_CONNECT = dict(name="default", spaces=("input", "CL3"), pairs=4, methods=("linear", "neb"),
-                    options={"steps": 30, "points": 20}, decoder_layer="CL3",
-                    decoder=dict(epochs=2, max_train=1000, max_val=200))
+DEMO_CONNECT = dict(name="default", spaces=("input", "CL3"), pairs=3, methods=("linear", "neb"),
+                    options={"steps": 20, "points": 20}, decoder_layer="CL3",
+                    decoder=dict(epochs=1, max_train=500, max_val=100))
 
 
 def _connect_stage(run: Run, *, net, data: str, dataset, indices, seed: int, device, data_root,
@@ -162,7 +162,7 @@ def run_demo(out="runs/demo", *, data: str = DEMO_DEFAULTS["data"], model: str =
         natural–adversarial pairs, linear, barrier bypass and region paths) to the report.
     connect : bool
         Add the small connectivity section (:data:`DEMO_CONNECT`: a decoder for CL3 trained for
-        2 short epochs, 4 same-class pairs, straight and NEB paths in pixels and CL3).
+        one epoch on 500 images, 3 same-class pairs, straight and NEB paths in pixels and CL3).
     on_stage : callable, optional
         Called with a short message before each stage (the CLI prints it).
 
