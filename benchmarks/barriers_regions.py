@@ -85,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=64, help="Adam budget per barrier point.")
     ap.add_argument("--max-depth", type=int, default=3)
     ap.add_argument("--spacing", type=float, default=1e-3, help="Region-path check spacing.")
+    ap.add_argument("--points", type=int, default=100, help="Points per segment of the job's dense re-check.")
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--eps", type=float, default=4 / 255)
     ap.add_argument("--untrained-pairs", type=int, default=20)
@@ -119,7 +120,7 @@ def main(argv=None):
            "dataset": meta["dataset"], "epochs_done": meta.get("epochs_done"),
            "complete": meta.get("complete"), "val_accuracy": (meta.get("val_accuracy") or [None])[-1],
            "threads": threads, "args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
-    opts = {"iters": args.iters, "max_depth": args.max_depth, "spacing": args.spacing}
+    opts = {"iters": args.iters, "max_depth": args.max_depth, "spacing": args.spacing, "points": args.points}
 
     if only & {"barrier", "regions"}:
         t = time.perf_counter()
@@ -147,6 +148,7 @@ def main(argv=None):
                 out.setdefault("barrier", {})[name] = barrier_summary(paths[paths["method"] == "barrier"])
             if "regions" in methods:
                 out.setdefault("regions", {})[name] = region_summary(paths[paths["method"] == "regions"])
+            atomic_write_json(run.paths_root / "benchmark.json", out)  # partial results survive
 
     if "untrained" in only:
         t = time.perf_counter()
@@ -169,6 +171,7 @@ def main(argv=None):
                             "rounds_hist": {int(r): int((rounds == r).sum()) for r in np.unique(rounds)},
                             "success_within_2_rounds": float((bb.stats["success"] & (rounds <= 2)).mean())}
         out["seconds"]["untrained"] = time.perf_counter() - t
+        atomic_write_json(run.paths_root / "benchmark.json", out)
 
     if "convexity" in only:
         t = time.perf_counter()

@@ -122,3 +122,20 @@ def test_bad_input_exits_1_with_the_fix(run, args, needle):
     assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output
     # Options are checked before any work: nothing half-written is left behind.
     assert not (Path(run) / "paths" / "bad").exists()
+
+
+def test_demo_stage_writes_both_settings(run):
+    from somprobe.classifier import load_trained
+    from somprobe.data import load_dataset
+    from somprobe.pipeline import DEMO_BARRIERS, _barrier_stage
+
+    said = []
+    net = load_trained(run)
+    ds = load_dataset("digits", split="test", image_size=16)
+    out = _barrier_stage(run, net=net, dataset=ds, indices=np.arange(120), seed=0, device="cpu",
+                         progress=False, say=said.append)
+    assert set(out) == {"barrier-nat", "barrier-adv"} and said
+    for name in out:
+        paths = pd.read_csv(f"{run}/paths/{name}/paths.csv")
+        assert set(paths["method"]) == set(DEMO_BARRIERS["methods"])
+        assert len(paths) == 3 * DEMO_BARRIERS["pairs"]
