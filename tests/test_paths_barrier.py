@@ -190,3 +190,24 @@ def test_class_optimal_inputs_from_noise_are_seeded_and_low_loss():
     assert r1.converged.all() and (r1.loss <= 1e-2).all()
     assert (net(r1.x).argmax(1).numpy() == classes).all()
     assert r1.x.min() >= 0 and r1.x.max() <= 1
+
+
+def test_anchor_set_keeps_path_order_and_pads_with_the_last_anchor():
+    from somprobe.paths.anchors import AnchorSet, segment_values
+
+    a = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    b = torch.tensor([[4.0, 0.0], [14.0, 10.0]])
+    s = AnchorSet(a, b)
+    m = s.insert(np.array([0]), np.array([2]), torch.tensor([[2.0, 1.0]]))          # pair 0: a-m-b
+    s.insert(np.array([0]), m, torch.tensor([[1.0, 1.0]]))                            # a-q-m-b
+    s.insert(m, np.array([2]), torch.tensor([[3.0, 1.0]]))                            # a-q-m-r-b
+    anchors, n = s.padded()
+    assert n.tolist() == [5, 2]
+    assert anchors[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # padding repeats the last valid anchor
+    assert torch.equal(anchors[1, 2:], b[1].expand(3, 2))
+    # ragged sampling: segment 0 in 4 intervals, segment 1 in 2, ends included, in order of t
+    vals, seg, t = segment_values(lambda x: x, a, b, [4, 2], shape=(2,), chunk=3)
+    assert seg.tolist() == [0] * 5 + [1] * 3
+    assert np.allclose(t, [0, .25, .5, .75, 1, 0, .5, 1])
+    assert torch.allclose(vals[:5, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))
