@@ -221,3 +221,48 @@ def test_connect_natural_adversarial_pairs(trained):
     pred_of = dict(zip(adv_ids, preds))
     assert all(pred_of[b.split(":", 1)[1]] == c for b, c in zip(pairs["id_b"], pairs["class"]))
     assert len(pd.read_csv(d / "paths.csv")) == 3 * 2
+
+
+# ----------------------------------------------------------------------------- figures and report
+def test_connect_figures_and_report_section(trained):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from somprobe.plots import paths as path_plots
+    from somprobe.report import write_report
+
+    run, *_ = trained
+    jobs = dict(path_plots.figure_jobs(run))
+    assert {"paths-default-table1", "paths-default-loss", "paths-default-softmax-input",
+            "paths-default-softmax-CL2"} <= set(jobs)
+    for name, make in jobs.items():
+        fig = make()
+        assert fig.axes, name
+    # Pixel images along the first paths are saved for the input space; CL2 has no decoder.
+    imgs = path_plots.read_images(run.paths_dir("default"))
+    assert imgs[("input", "neb")]["images"].shape[:2] == (4, 8)
+    summary = json.loads((run.paths_dir("default") / "summary.json").read_text())
+    assert "somprobe decoder" in summary["images"]["CL2/neb"]
+    html = write_report(run).read_text()
+    assert "Connectivity: linear and NEB paths" in html and "paths/default/table1" in html
+
+
+def test_softmax_figure_picks_a_pair_the_line_misses():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from somprobe.plots.paths import pick_pair, plot_path_softmax
+
+    rows = []
+    for pair, line_pred in (("p~q", [0, 0, 0]), ("r~s", [0, 1, 0])):
+        for method, preds in (("linear", line_pred), ("neb", [0, 0, 0])):
+            for t, pred in zip((0.0, 0.5, 1.0), preds):
+                rows.append({"pair": pair, "space": "CL1", "method": method, "class": 0, "t": t,
+                             "pred": pred, "p_target": 0.9 if pred == 0 else 0.2, "loss": 0.1,
+                             "p_0": 0.9 if pred == 0 else 0.2, "p_1": 0.1 if pred == 0 else 0.8})
+    prof = pd.DataFrame(rows)
+    assert pick_pair(prof, "CL1") == "r~s"
+    fig = plot_path_softmax(prof, space="CL1", n_show=3)
+    assert len(fig.axes) == 2 * 3
+    with pytest.raises(Exception, match="connect --space CL9"):
+        plot_path_softmax(prof, space="CL9")
