@@ -261,3 +261,26 @@ def test_barriers_regions_notebook(layer_probing, tmp_path, monkeypatch):
     # The model was reused, not retrained, and the figures were drawn inline.
     assert not (run / "model").exists()
     assert images_shown(nb) >= 6
+
+
+# --------------------------------------------------------------------------- notebook 03 (issue 9)
+def test_connectivity_notebook(layer_probing, tmp_path, monkeypatch):
+    import pandas as pd
+
+    run = tmp_path / "run"
+    params = dict(RUN=str(run), DATA=SMALL["DATA"], MODEL=SMALL["MODEL"], MODEL_RUN=str(layer_probing[0]),
+                  TRAIN_EPOCHS=1, IMAGE_SIZE=None, SPACES=["input", "CL3"], LATENT="CL3", PAIRS=3,
+                  STEPS=5, POINTS=5, DECODER_EPOCHS=1, DECODER_MAX_TRAIN=64, SEED=0, DEVICE="cpu")
+    nb = execute("03_connectivity.ipynb", params, tmp_path, monkeypatch)
+    s = summary_of(nb)
+    assert s["pairs"] == 3 and s["misclassified_skipped"] >= 0
+    assert 0 <= s["linear_ok_latent"] <= 3 and 0 <= s["neb_path_ok_latent"] <= 3
+    t1 = pd.DataFrame(s["table1"])
+    assert t1["space"].tolist() == ["input", "CL3"]
+    assert (t1["linear"] + t1["nonlinear_only"] + t1["no_path"] == 3).all()
+    # The job's files, the model copied from notebook 01's run (not retrained), decoded images.
+    assert (run / "paths" / "notebook" / "paths.csv").is_file()
+    assert (run / "model" / "checkpoint.pt").read_bytes() == \
+        (layer_probing[0] / "model" / "checkpoint.pt").read_bytes()
+    assert s["decoded"] and (run / "paths" / "notebook" / "images" / "CL3__neb.npz").is_file()
+    assert images_shown(nb) >= 4   # Table 1, loss, softmax in input and CL3
