@@ -100,8 +100,9 @@ def time_quicksom(run, *, epochs):
 
 @contextlib.contextmanager
 def busy_core():
-    """A process spinning on one core for the duration (another user's job)."""
-    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """A process spinning on one core for the duration (another user's job: its own session,
+    so under Linux's autogroup scheduling it competes with this job as another user would)."""
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     time.sleep(0.5)
     try:
         yield
