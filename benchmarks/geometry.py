@@ -38,6 +38,8 @@ def main(argv=None) -> None:
     p.add_argument("--directions", type=int, default=10)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--h", type=float, default=None)
+    p.add_argument("--hsweep", default=None,
+                   help="comma-separated steps of the h sweep ('' to skip; default the job's)")
     p.add_argument("--noise-at", type=float, default=0.2, help="magnitude reported from noise.csv")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
     from somprobe.classifier import load_trained
     from somprobe.data import load_dataset
     from somprobe.geometry import DEFAULT_H
-    from somprobe.geometry.job import geometry_run
+    from somprobe.geometry.job import DEFAULT_HSWEEP, geometry_run
     from somprobe.run import Run
 
     rows = []
@@ -71,7 +73,9 @@ def main(argv=None) -> None:
                               image_size=meta.get("image_size"))
             geometry_run(dst, model=model, dataset=ds, samples=a.samples,
                          subspace_samples=a.subspace_samples, directions=a.directions, k=a.k,
-                         h=a.h or DEFAULT_H, device=a.device, seed=a.seed, progress=True)
+                         h=a.h or DEFAULT_H, device=a.device, seed=a.seed, progress=True,
+                         hsweep=DEFAULT_HSWEEP if a.hsweep is None else
+                         [float(v) for v in a.hsweep.split(",") if v.strip()])
             print(f"{src.name}: geometry in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         from somprobe.plots.common import save_figure
         from somprobe.plots.geometry import figure_jobs
