@@ -821,14 +821,12 @@ def convexity(out, name, spaces, ks, trials, per_class, alpha, data, data_split,
 # connect (paths between same-class inputs, study 001)
 # ---------------------------------------------------------------------------------------------
 def _spring(text: str) -> float:
+    # Range checks live in paths.neb.check_neb_params (one place, exit status 1 with the fix).
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a number (use inf for equal-spacing redistribution)",
-                                 param_hint="--spring")
-    if not value >= 0:
-        raise click.BadParameter("must be >= 0 (inf for equal-spacing redistribution)", param_hint="--spring")
-    return value
+        raise click.ClickException(f"--spring {text!r} is not a number: pass k >= 0, or inf for "
+                                   "equal-spacing redistribution")
 
 
 # Options of the barrier bypass and region paths (issue 10); None = the method's default

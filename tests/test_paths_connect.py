@@ -179,6 +179,9 @@ def test_connect_bad_inputs(trained, tmp_path):
     _fails(runner, [*base, "--name", "bad", "--pair-source", "adversarial:nope"],
            "no perturbed images", "somprobe attack")
     _fails(runner, [*base, "--name", "bad", "--method", "teleport"], "unknown method", "neb")
+    _fails(runner, [*base, "--name", "bad", "--pivots", "0"], "pivots", ">= 1")
+    _fails(runner, [*base, "--name", "bad", "--spring", "-1"], "--spring")
+    assert not run.paths_dir("bad").exists()  # nothing half-written
     _fails(runner, [*base, "--name", "bad", "--pair-source", str(tmp_path / "none.csv")], "CSV")
 
 

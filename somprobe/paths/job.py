@@ -25,7 +25,7 @@ from ..run import Run, atomic_output, atomic_write_json, save_csv
 from .core import PathBatch, check_paths, path_profile, resample
 from .spaces import encode_images, make_space
 from .linear import find_linear
-from .neb import find_neb
+from .neb import check_neb_params, find_neb
 from .noise_sources import NOISE_SOURCES, draw_noise_pairs
 from .barrier import BARRIER_EXTRAS, check_barrier_params, find_barrier
 from .regions import REGION_EXTRAS, check_region_params, find_region_path
@@ -85,7 +85,7 @@ register_method("linear", MethodSpec(
 register_method("neb", MethodSpec(
     find_neb, options={"pivots": 10, "steps": 100, "spring": math.inf, "optimizer": "adam",
                        "lr": 0.01, "tol": 0.1, "points": 100},
-    extras=("converged", "pivot_max_loss"), check=False,
+    extras=("converged", "pivot_max_loss"), check=False, validate=check_neb_params,
     description="nudged elastic band from the straight line (study 001), checked densely"))
 
 

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from .core import CHUNK, PathBatch, check_paths, empty_stats, energy_and_grad, evaluate
+from ..errors import PathError
 from .spaces import Space
 
-__all__ = ["find_neb", "improved_tangent", "redistribute", "OPTIMIZERS"]
+__all__ = ["find_neb", "check_neb_params", "improved_tangent", "redistribute", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -101,7 +102,22 @@ def redistribute(path: Tensor) -> Tensor:
 
 def _check(name, value, ok, what):
     if not ok:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise PathError(f"NEB {name} must be {what}, got {value!r} (--{name})")
+
+
+def check_neb_params(*, pivots=10, steps=100, spring=math.inf, optimizer="adam", lr=0.01, tol=0.1,
+                     points=100, **_) -> None:
+    """Raise :class:`~somprobe.errors.PathError` (a ``ValueError``) naming a bad NEB option."""
+    _check("pivots", pivots, isinstance(pivots, int) and not isinstance(pivots, bool) and pivots >= 1,
+           "an integer >= 1")
+    _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+           "an integer >= 0")
+    _check("spring", spring, isinstance(spring, (int, float)) and spring >= 0,
+           ">= 0 (inf for equal-spacing redistribution)")
+    _check("optimizer", optimizer, optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    _check("lr", lr, isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), "a positive number")
+    _check("tol", tol, isinstance(tol, (int, float)) and tol > 0, "positive")
+    _check("points", points, isinstance(points, int) and points >= 2, "an integer >= 2")
 
 
 def find_neb(space: Space, a: Tensor, b: Tensor, target: Tensor, *, pivots: int = 10,
@@ -154,12 +170,8 @@ def find_neb(space: Space, a: Tensor, b: Tensor, target: Tensor, *, pivots: int 
         the end), ``failed``/``reason`` (non-finite ends, loss, gradient or band; or a band that
         ran away), where a failed pair keeps its last finite band.
     """
-    _check("pivots", pivots, isinstance(pivots, int) and pivots >= 1, "an integer >= 1")
-    _check("steps", steps, isinstance(steps, int) and steps >= 0, "an integer >= 0")
-    _check("spring", spring, spring >= 0, ">= 0 (inf for equal-spacing redistribution)")
-    _check("optimizer", optimizer, optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
-    _check("lr", lr, lr > 0 and math.isfinite(lr), "a positive number")
-    _check("tol", tol, tol > 0, "positive")
+    check_neb_params(pivots=pivots, steps=steps, spring=spring, optimizer=optimizer, lr=lr, tol=tol,
+                     points=points)
     if a.shape != b.shape or len(target) != len(a):
         raise ValueError(f"a {tuple(a.shape)}, b {tuple(b.shape)} and target ({len(target)}) disagree")
     P, shape = a.shape[0], a.shape[1:]
