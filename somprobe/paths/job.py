@@ -154,7 +154,11 @@ def connectivity_table(paths: pd.DataFrame) -> pd.DataFrame:
         else:
             row["nonlinear_only"] = row["no_path"] = None
         rows.append(row)
-    return pd.DataFrame(rows, columns=TABLE1_COLUMNS)
+    out = pd.DataFrame(rows, columns=TABLE1_COLUMNS)
+    # Counts stay integers next to the empty cells of linear-only spaces.
+    for col in ("pairs", "linear", "nonlinear_only", "no_path", "failed"):
+        out[col] = out[col].astype("Int64")
+    return out
 
 
 def method_summary(paths: pd.DataFrame) -> pd.DataFrame:
