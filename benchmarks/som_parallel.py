@@ -155,11 +155,19 @@ def rank_job(a):
     kw = dict(PAPER, epochs=a.epochs, workers=1, threads=1, splits=["som-tr"])
     if a.rank_job == "spread":
         kw["sizes"] = ",".join(map(str, SIZES))
+        dist.barrier()
+        t = time.perf_counter()
+        fit_run(run, **kw)
     else:
-        kw.update(sizes="20", layers=["CL4"], batch_size=a.batch, data_parallel=True)
-    dist.barrier()
-    t = time.perf_counter()
-    fit_run(run, **kw)
+        # the training alone (what is data-parallel); fit_run would add rank 0's BMU files
+        from somprobe.som import SOM
+        from somprobe.store import open_store
+
+        X = open_store(run.codes_dir("som-tr")).codes("CL4")
+        hp = dict(PAPER, batch_size=a.batch, epochs=a.epochs)
+        dist.barrier()
+        t = time.perf_counter()
+        SOM(20, 20, X.shape[1], **hp).fit(X, shard=(ctx.rank, ctx.world_size))
     dist.barrier()
     dt = time.perf_counter() - t
     if ctx.is_main:
@@ -169,7 +177,7 @@ def rank_job(a):
 
 def launch(a, job, ranks, run, **extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(ranks), __file__, "--rank-job", job, "--run", run, "--epochs", str(extra.get("epochs", a.epochs)),
+           str(ranks), __file__, "--rank-job", job, "--run-dir", run, "--epochs", str(extra.get("epochs", a.epochs)),
            "--batch", str(extra.get("batch", 10))]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -180,14 +188,15 @@ def launch(a, job, ranks, run, **extra):
 
 
 def part2(a, tmp):
-    run = make_run(os.path.join(tmp, "p2"), a.n)
     print("\n== Part 2: torchrun ranks x 1 thread (gloo, CPU)")
-    t1 = launch(a, "spread", 1, str(run.root))
-    t2 = launch(a, "spread", 2, str(run.root))
-    print(f"sixteen maps, 1 rank: {t1:.2f} s; 2 ranks (maps spread): {t2:.2f} s; "
-          f"speed-up {t1 / t2:.2f}x (target >= 1.7x)")
+    if not a.only_dp:
+        run = make_run(os.path.join(tmp, "p2"), a.n)
+        t1 = launch(a, "spread", 1, str(run.root))
+        t2 = launch(a, "spread", 2, str(run.root))
+        print(f"sixteen maps, 1 rank: {t1:.2f} s; 2 ranks (maps spread): {t2:.2f} s; "
+              f"speed-up {t1 / t2:.2f}x (target >= 1.7x)")
     dp = make_run(os.path.join(tmp, "dp"), a.n_dp, dims={"CL4": 2048})
-    print(f"data-parallel 20x20 map, D=2048, N={a.n_dp}, 1 epoch:")
+    print(f"data-parallel 20x20 map, D=2048, N={a.n_dp}, 1 epoch (SOM.fit alone):")
     for batch in (10, 1000):
         s1 = launch(a, "data", 1, str(dp.root), epochs=1, batch=batch)
         s2 = launch(a, "data", 2, str(dp.root), epochs=1, batch=batch)
@@ -206,15 +215,16 @@ def main(argv=None):
                    help="skip somprobe one by one with torch's default threads (slow under load)")
     p.add_argument("--skip-ranks", action="store_true")
     p.add_argument("--only-ranks", action="store_true")
+    p.add_argument("--only-dp", action="store_true", help="part 2's data-parallel map only")
     p.add_argument("--rank-job", choices=["spread", "data"], help=argparse.SUPPRESS)
-    p.add_argument("--run", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", dest="run", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.qs_epochs = a.qs_epochs or a.epochs
     if a.rank_job:
         return rank_job(a)
     with tempfile.TemporaryDirectory() as tmp:
-        if not a.only_ranks:
+        if not (a.only_ranks or a.only_dp):
             part1(a, tmp)
         if not a.skip_ranks:
             part2(a, tmp)
