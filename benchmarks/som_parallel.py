@@ -158,8 +158,13 @@ def rank_job(a):
         dist.barrier()
         t = time.perf_counter()
         fit_run(run, **kw)
+    elif a.dp_fit_run:
+        kw.update(sizes="20", layers=["CL4"], batch_size=a.batch, data_parallel=True)
+        dist.barrier()
+        t = time.perf_counter()
+        fit_run(run, **kw)
     else:
-        # the training alone (what is data-parallel); fit_run would add rank 0's BMU files
+        # the training alone (what is data-parallel); fit_run adds the BMU files
         from somprobe.som import SOM
         from somprobe.store import open_store
 
@@ -178,7 +183,7 @@ def rank_job(a):
 def launch(a, job, ranks, run, **extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(ranks), __file__, "--rank-job", job, "--run-dir", run, "--epochs", str(extra.get("epochs", a.epochs)),
-           "--batch", str(extra.get("batch", 10))]
+           "--batch", str(extra.get("batch", 10))] + (["--dp-fit-run"] if a.dp_fit_run else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -196,7 +201,8 @@ def part2(a, tmp):
         print(f"sixteen maps, 1 rank: {t1:.2f} s; 2 ranks (maps spread): {t2:.2f} s; "
               f"speed-up {t1 / t2:.2f}x (target >= 1.7x)")
     dp = make_run(os.path.join(tmp, "dp"), a.n_dp, dims={"CL4": 2048})
-    print(f"data-parallel 20x20 map, D=2048, N={a.n_dp}, 1 epoch (SOM.fit alone):")
+    print(f"data-parallel 20x20 map, D=2048, N={a.n_dp}, 1 epoch "
+          f"({'fit_run: training and BMU files' if a.dp_fit_run else 'SOM.fit alone'}):")
     for batch in (10, 1000):
         s1 = launch(a, "data", 1, str(dp.root), epochs=1, batch=batch)
         s2 = launch(a, "data", 2, str(dp.root), epochs=1, batch=batch)
@@ -216,6 +222,8 @@ def main(argv=None):
     p.add_argument("--skip-ranks", action="store_true")
     p.add_argument("--only-ranks", action="store_true")
     p.add_argument("--only-dp", action="store_true", help="part 2's data-parallel map only")
+    p.add_argument("--dp-fit-run", action="store_true",
+                   help="time the data-parallel map through fit_run (BMU files included)")
     p.add_argument("--rank-job", choices=["spread", "data"], help=argparse.SUPPRESS)
     p.add_argument("--run-dir", dest="run", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)

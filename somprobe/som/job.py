@@ -304,17 +304,35 @@ def _fit_map(task: dict, progress=None) -> pd.DataFrame:
         som.fit(X, progress=progress if progress is not None else False, checkpoint=ckpt,
                 resume=task["resume"], shard=shard)
 
+    k_ = min(int(task["k"]), som.n_units)
+
+    def split_bmus():
+        # one split at a time, so only one split's BMUs are in memory
+        for split in task["splits"]:
+            store = train if split == split0 else _open(run, split)
+            if layer not in store.layers:
+                continue
+            X_ = store.codes(layer)
+            if shard is None:
+                yield split, som.bmus(X_, k=k_)
+                continue
+            # data-parallel: each rank maps its rows, rank 0 writes the gathered files
+            rows = dist.shard_range(len(X_), *shard)
+            part = som.bmus(X_[rows.start:rows.stop], k=k_) if len(rows) else \
+                (np.empty((0, k_), np.int64), np.empty((0, k_), np.float32))
+            parts = dist.all_gather_object(part)
+            yield split, (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+    # the gathers are collectives: every rank runs them, outside rank 0's write
+    bmus = split_bmus() if shard is None else list(split_bmus())
+
     def write():
         if done is None:
             som.save(path, meta={"layer": layer, "train_split": split0, "size": f"{m}x{n}",
                                  "codes": str(run.codes_dir(split0))})
             ckpt.unlink(missing_ok=True)
             ckpt.with_suffix(".json").unlink(missing_ok=True)
-        for split in task["splits"]:
-            store = train if split == split0 else _open(run, split)
-            if layer not in store.layers:
-                continue
-            idx, dist_ = som.bmus(store.codes(layer), k=min(int(task["k"]), som.n_units))
+        for split, (idx, dist_) in bmus:
             save_npy(run.bmus_path(split, layer, m, n), idx)
             save_npy(bmus_dist_path(run, split, layer, m, n), dist_)
 
