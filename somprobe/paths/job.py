@@ -539,7 +539,9 @@ def connect_run(
             save_csv(out / "table1.csv", connectivity_table(paths))
             save_csv(out / "paths_summary.csv", method_summary(paths))
 
-    images = _path_images(run, out, model, space_objs, methods, n_pairs=profile_pairs, n_show=n_show,
+    # Every method of the experiment (also those of earlier --resume calls), for figures.
+    all_methods = list(dict.fromkeys(list(paths["method"].astype(str)) + methods)) if len(paths) else methods
+    images = _path_images(run, out, model, space_objs, all_methods, n_pairs=profile_pairs, n_show=n_show,
                           device=dev)
     t1 = connectivity_table(paths) if len(paths) else pd.DataFrame(columns=TABLE1_COLUMNS)
     summary = {
