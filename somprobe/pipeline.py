@@ -87,11 +87,17 @@ def _connect_stage(run: Run, *, net, data: str, dataset, indices, seed: int, dev
         out["decoder"] = None
     say(f"connectivity: {DEMO_CONNECT['pairs']} same-class pairs, linear and NEB paths in "
         f"{' and '.join(DEMO_CONNECT['spaces'])}")
-    out["connect"] = connect_run(run, model=net, dataset=dataset, indices=indices,
-                                 name=DEMO_CONNECT["name"], spaces=DEMO_CONNECT["spaces"],
-                                 n_pairs=DEMO_CONNECT["pairs"], methods=DEMO_CONNECT["methods"],
-                                 options=DEMO_CONNECT["options"], seed=seed, device=device,
-                                 overwrite=True, progress=progress)
+    from .errors import PathError
+
+    try:
+        out["connect"] = connect_run(run, model=net, dataset=dataset, indices=indices,
+                                     name=DEMO_CONNECT["name"], spaces=DEMO_CONNECT["spaces"],
+                                     n_pairs=DEMO_CONNECT["pairs"], methods=DEMO_CONNECT["methods"],
+                                     options=DEMO_CONNECT["options"], seed=seed, device=device,
+                                     overwrite=True, progress=progress)
+    except PathError as e:  # e.g. a barely trained model leaves too few correct pairs
+        say(f"skipped connectivity: {e}")
+        out["connect"] = None
     return out
 
 
