@@ -288,3 +288,19 @@ def test_curvature_detector_known_curvatures_threshold_and_labels(method):
     # label recovery: the most positively curved boundary of an inside point is class 1's
     assert det.recover_labels(inside[4:]).tolist() == [1] * 4
     np.testing.assert_allclose(det.score_features(f_in), np.nanmean(f_in, axis=1))
+
+
+def test_mahalanobis_threshold_uses_out_of_fold_clean_scores():
+    # 40 clean points in 30 dimensions: in-sample distances are far smaller than fresh ones
+    rng = np.random.default_rng(0)
+    clean = np.c_[np.zeros(40), rng.normal(size=(40, 30))]
+    fresh = np.c_[np.zeros(200), rng.normal(size=(200, 30))]
+    adv = np.c_[np.zeros(40), rng.normal(size=(40, 30)) * 1.3]
+    det = MahalanobisDetector(None).fit_features(clean, adv)
+    in_sample = det._score(clean)
+    assert np.median(det._score(fresh)) > np.percentile(in_sample, 90)
+    # a threshold on in-sample scores would flag most fresh clean inputs; the out-of-fold one not
+    t_in = M.best_threshold(np.r_[np.zeros(40), np.ones(40)], np.r_[in_sample, det._score(adv)])
+    assert (det._score(fresh) > t_in).mean() > 0.3
+    assert det.predict_features(fresh).mean() < 0.2
+    assert det.predict_features(adv).mean() > 0.8

@@ -131,8 +131,12 @@ class Detector:
             self.threshold_ = float(self.fixed_threshold)
         else:
             y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
-            self.threshold_ = best_threshold(y, self._score(np.concatenate([clean, adversarial])))
+            self.threshold_ = best_threshold(y, self._training_scores(clean, adversarial))
         return self
+
+    def _training_scores(self, clean, adversarial) -> np.ndarray:
+        """Scores the threshold is chosen on (clean rows first); in-sample unless overridden."""
+        return self._score(np.concatenate([clean, adversarial]))
 
     def score_features(self, f) -> np.ndarray:
         """Scores ``[N]`` of precomputed characteristics."""
