@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchattacks  # the reference (a test extra in setup.cfg, so never skipped)
 from torch import nn
 
 from somprobe.attacks import bim, cw_l2, deepfool, kurakin_steps
 from somprobe.errors import AttackError
 
 from _tiny_digits import digits_data, trained_mlp
-
-torchattacks = pytest.importorskip("torchattacks")
 
 
 class Linear2(nn.Module):
