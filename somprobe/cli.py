@@ -19,8 +19,23 @@ DEVICE = click.option("--device", default="auto", show_default=True,
                       help="auto picks CUDA when present.")
 SEED = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars or stage messages.")
+
 OUT = click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
                    help="Run directory (created if needed).")
+
+
+def IMAGE_SOURCE(f):
+    """Where a path or region experiment takes its model and clean images from (connect, convexity)."""
+    for opt in reversed((
+        click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on)."),
+        click.option("--split", "data_split", default="test", show_default=True,
+                     help="Dataset split the clean images come from."),
+        click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset."),
+        click.option("--model", help="timm model name (default: the model trained in RUN)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file."),
+    )):
+        f = opt(f)
+    return f
 
 
 def _csv(value: str | None, cast=str):
@@ -783,11 +798,7 @@ def _int_range(text: str, option: str) -> list[int]:
               help="Correctly classified images per class in the pool.")
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Dirichlet concentration of the weights (1: uniform on the simplex).")
-@click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on).")
-@click.option("--split", "data_split", default="test", show_default=True, help="Dataset split the images come from.")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
-@click.option("--model", help="timm model name (default: the model trained in RUN).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@IMAGE_SOURCE
 @SEED
 @DEVICE
 @click.option("--overwrite", is_flag=True, help="Replace a convexity test of the same name.")
@@ -886,11 +897,7 @@ def _bypass_options(fn):
               help="Points checked along the line and along each NEB segment.")
 @click.option("--max-pool", type=int, default=2000, show_default=True,
               help="Pairs are drawn from a seeded subset of at most this many clean images.")
-@click.option("--data", help="Dataset name or path (default: the one RUN's model was trained on).")
-@click.option("--split", "data_split", default="test", show_default=True, help="Dataset split the clean images come from.")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Local copy of the dataset.")
-@click.option("--model", help="timm model name (default: the model trained in RUN).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Weights file.")
+@IMAGE_SOURCE
 @SEED
 @DEVICE
 @click.option("--resume", is_flag=True, help="Keep the space × method results already written, do the rest.")
@@ -954,7 +961,8 @@ def connect(out, name, spaces, n_pairs, pair_source, methods, pivots, steps, spr
 @QUIET
 @_friendly
 def demo(out, data, model, per_class, size, layers, train_epochs, data_root, seed, device, quiet):
-    """Study 003 end to end on the embedded default: train → extract → fit → analyze → attack → shift → report."""
+    """Study 003 end to end on the embedded default (train → extract → fit → analyze → attack →
+    shift), plus small connectivity, barrier/region-path and detection sections → report."""
     from .pipeline import run_demo
 
     run = Run(out)
@@ -971,6 +979,11 @@ def demo(out, data, model, per_class, size, layers, train_epochs, data_root, see
         click.echo(f"attack {name:<7}: accuracy {_fmt(s.get('clean_acc'))} → {_fmt(s.get('perturbed_acc'))}")
     click.echo(f"tables        : {run.analysis_dir} ({len(res['tables'])} CSV)")
     click.echo(f"figures       : {run.figures_dir} ({len(res['figures'])} PNG)")
+    for label, key, folder in (("connectivity", "connectivity", run.paths_root),
+                               ("barriers", "barriers", run.paths_root),
+                               ("detection", "detection", run.detect_dir)):
+        if res.get(key):
+            click.echo(f"{label:<14}: {folder}")
     click.echo(f"report        : {res['report']}")
     click.echo(f"done in {time.perf_counter() - t0:.0f} s")
 
