@@ -39,6 +39,7 @@ def test_planar_distances_are_euclidean():
     rc = g.index_to_rc(np.arange(24))
     expect = np.hypot(rc[:, None, 0] - rc[None, :, 0], rc[:, None, 1] - rc[None, :, 1])
     np.testing.assert_allclose(g.unit_distances(), expect)
+    np.testing.assert_allclose(g.unit_sq_distances(dtype=torch.float64).numpy(), expect ** 2, atol=1e-12)
     assert g.max_distance == pytest.approx(np.hypot(3, 5))
 
 

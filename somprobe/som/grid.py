@@ -151,8 +151,18 @@ class Grid:
 
     def unit_sq_distances(self, *, device=None, dtype=torch.float32) -> torch.Tensor:
         """``(G, G)`` squared distances between all units as a torch tensor (for training)."""
-        c = self.coords(device=device, dtype=torch.float64)
-        return self.sq_distance(c[:, None, :], c[None, :, :]).to(dtype)
+        # Separable: d² = d_row² + d_col², so two small tables and one G×G add instead of a
+        # [G, G, 2] pass (which cost ~0.3 s for a 40×40 map, as much as its training).
+        def axis(size):
+            i = torch.arange(size, dtype=torch.float64, device=device)
+            d = i[None, :] - i[:, None]
+            if self.periodic:
+                d = d - size * torch.round(d / size)
+            return d * d
+
+        rows, cols = axis(self.m), axis(self.n)
+        sqd = rows[:, None, :, None] + cols[None, :, None, :]
+        return sqd.reshape(self.n_units, self.n_units).to(dtype)
 
     def unit_distances(self) -> np.ndarray:
         """``(G, G)`` numpy distances between all pairs of units."""
