@@ -29,7 +29,8 @@ import torch
 from somprobe.som import SOM
 from somprobe.som.job import bmus_dist_path, fit_run
 
-KW = dict(epochs=2, batch_size=7, device="cpu", seed=2, sigma=2.0, workers=1, threads=1)
+KW = dict(epochs=2, batch_size=7, device="cpu", seed=2, sigma=2.0, workers=1, threads=1,
+          checkpoint_every=0)  # a checkpoint after each epoch: the kill test needs one
 SIZES = "4x5,6"  # a 3x3 torus under sigma=2 has near-identical units: BMUs flip on rounding
 
 

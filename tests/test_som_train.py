@@ -45,6 +45,44 @@ def test_online_step_equals_literal_rule(metric, B):
         np.testing.assert_allclose(wsq.numpy(), (Wt.double() ** 2).sum(1).numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("B,n", [(1, 37), (7, 100), (10, 45), (32, 70)])
+def test_blocked_pass_equals_step_by_step_updates(metric, B, n):
+    # online_block reads and writes W once per block and tracks the block's scores between
+    # steps; it must give the weights, norms, losses and schedule of one online_step per batch.
+    rng = np.random.default_rng(B + n)
+    g = Grid(6, 7)
+    sqd = g.unit_sq_distances()
+    W0 = torch.from_numpy(rng.standard_normal((42, 9)).astype(np.float32))
+    X = torch.from_numpy(rng.random((n, 9)).astype(np.float32))
+    total = 3 * n
+    kw = dict(total=total, alpha0=0.3, sigma0=3.0, decay="exp", metric=metric)
+    steps = -(-n // B)
+    Wb, wsq_b = W0.clone(), torch.empty(42)
+    losses_b, lrs_b = torch.zeros(steps), np.zeros(steps)
+    assert T.block_rows(B, 9) == B * max(1, 18 // B) and T.block_rows(B, 9) < n
+    t = T.online_pass(Wb, wsq_b, X, sqd, batch_size=B, t0=n, step0=0, losses=losses_b, lrs=lrs_b, **kw)
+    assert t == 2 * n
+    Ws, wsq_s = W0.clone(), (W0.double() ** 2).sum(1).float()
+    losses_s, lrs_s = torch.zeros(steps), np.zeros(steps)
+    t = n
+    for i, a in enumerate(range(0, n, B)):
+        s = T.decay_factor("exp", t, total)
+        lrs_s[i] = s
+        wsq_s = (Ws.double() ** 2).sum(1).float()  # exact norms before every step
+        losses_s[i] = T.online_step(Ws, wsq_s, X[a:a + B], sqd, 0.3 * s, 3.0 * s, metric).sum()
+        t += X[a:a + B].shape[0]
+    np.testing.assert_allclose(lrs_b, lrs_s)
+    torch.testing.assert_close(Wb, Ws, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses_b, losses_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wsq_b, (Wb.double() ** 2).sum(1).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_do_not_apply_above_the_incremental_batch_limit():
+    assert T.block_rows(T.INCREMENTAL_NORMS_MAX_BATCH + 1, 512) == T.INCREMENTAL_NORMS_MAX_BATCH + 1
+    assert T.block_rows(10, 2048) == T.BLOCK_ROWS and T.block_rows(10, 4) == 10
+
+
 def test_time_advances_by_actual_batch_size_and_alpha_stays_positive():
     X = np.random.default_rng(0).random((25, 4)).astype(np.float32)
     som = SOM(3, 3, 4, epochs=2, batch_size=10, alpha=0.1, sigma=2.0, decay="linear", device="cpu")
@@ -151,6 +189,28 @@ def test_resume_after_interruption_equals_uninterrupted_fit(tmp_path, monkeypatc
 
     with pytest.raises(SOMError, match="other hyperparameters"):
         SOM(5, 5, 12, **(kw | {"sigma": 3.0})).fit(X, checkpoint=ckpt, resume=True)
+
+
+def test_checkpoint_every_writes_only_after_that_many_seconds(tmp_path, monkeypatch):
+    X = np.random.default_rng(0).random((60, 5)).astype(np.float32)
+    clock = {"t": 0.0}
+
+    def epoch_takes_ten_seconds(self, *a, **k):
+        clock["t"] += 10.0
+        return original(self, *a, **k)
+
+    original = SOM._online_epoch
+    monkeypatch.setattr(som_map.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(SOM, "_online_epoch", epoch_takes_ten_seconds)
+    saves = []
+    monkeypatch.setattr(SOM, "save", lambda self, path, **k: saves.append(self.epoch_))
+    SOM(3, 3, 5, epochs=5, device="cpu").fit(X, checkpoint=tmp_path / "c.pt", checkpoint_every=25)
+    assert saves == [3]  # 30 s after the start; 20 s later at the end is under 25 s
+    saves.clear()
+    SOM(3, 3, 5, epochs=3, device="cpu").fit(X, checkpoint=tmp_path / "c.pt")
+    assert saves == [1, 2, 3]  # default: every epoch
+    with pytest.raises(SOMError, match="checkpoint_every"):
+        SOM(3, 3, 5, device="cpu").fit(X, checkpoint_every=-1)
 
 
 def test_init_pca_and_sample_lie_on_the_data():

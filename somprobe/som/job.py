@@ -99,9 +99,15 @@ def _complete(path: Path, som: SOM) -> SOM | None:
     return old
 
 
+#: A map's checkpoint is written at an epoch's end at most this often (seconds): the paper's
+#: small maps take well under a second per epoch, and writing their weights after each epoch
+#: cost more than training them. An interrupted ``fit`` loses at most this much work per map.
+CHECKPOINT_SECONDS = 30.0
+
+
 def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None, resume=False,
             progress=False, k=DEFAULT_K, workers=None, threads=None, data_parallel=False,
-            **som_kwargs) -> list[Path]:
+            checkpoint_every=CHECKPOINT_SECONDS, **som_kwargs) -> list[Path]:
     """Fit one SOM per layer and grid size on a run's codes; write maps, curves and BMUs.
 
     The maps are independent, so they are fitted side by side: by default one torch thread per
@@ -129,7 +135,10 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
         Splits whose top-``k`` BMUs are written (default: every complete split of the run).
     resume : bool
         Keep maps already fitted with the same hyperparameters and continue interrupted fits
-        from their per-epoch checkpoints (same final weights as an uninterrupted fit).
+        from their checkpoints (same final weights as an uninterrupted fit).
+    checkpoint_every : float
+        Seconds between a map's checkpoints, written at the end of an epoch
+        (:meth:`SOM.fit`); 0 writes one after every epoch.
     progress : bool
         One tqdm bar over all maps (rank 0 only under torchrun).
     k : int
@@ -189,6 +198,7 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
         layer, m, n = combos[i]
         return {"index": i, "root": str(run.root), "train_split": train_split, "layer": layer,
                 "m": m, "n": n, "splits": list(splits), "resume": bool(resume), "k": int(k),
+                "checkpoint_every": float(checkpoint_every),
                 "som_kwargs": dict(som_kwargs), "shard": shard, "n_samples": N, "epochs": E}
 
     results: list = []
@@ -302,7 +312,7 @@ def _fit_map(task: dict, progress=None) -> pd.DataFrame:
         if not task["resume"] and writer:
             ckpt.unlink(missing_ok=True)
         som.fit(X, progress=progress if progress is not None else False, checkpoint=ckpt,
-                resume=task["resume"], shard=shard)
+                checkpoint_every=task["checkpoint_every"], resume=task["resume"], shard=shard)
 
     k_ = min(int(task["k"]), som.n_units)
 

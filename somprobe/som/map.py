@@ -9,6 +9,7 @@ to the device. All grid geometry comes from :class:`somprobe.som.grid.Grid`.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +299,7 @@ class SOM:
 
     # training --------------------------------------------------------------------
     def fit(self, X, *, init_weights=None, order=None, shuffle=True, progress=False,
-            checkpoint=None, resume=False, log_every=None, shard=None):
+            checkpoint=None, checkpoint_every=0.0, resume=False, log_every=None, shard=None):
         """Train the map on ``X`` [N, dim].
 
         Parameters
@@ -317,8 +318,13 @@ class SOM:
             Show a tqdm bar; a callable is called instead with the number of samples done
             since its last call (how a job drives one bar for many maps).
         checkpoint : path, optional
-            Written (atomically, :meth:`save` format) after every epoch (by rank 0 only when
-            ``shard`` is given).
+            Written (atomically, :meth:`save` format) at the end of an epoch (by rank 0 only
+            when ``shard`` is given).
+        checkpoint_every : float
+            Seconds of training between two checkpoints: an epoch's end writes one only when at
+            least this long has passed since the last (0: after every epoch). A fit shorter than
+            this writes none, which is what makes many small maps fast; an interrupted fit
+            loses at most this much work.
         resume : bool
             If ``checkpoint`` exists, continue from it instead of starting over; the result is
             the same as an uninterrupted fit.
@@ -337,6 +343,8 @@ class SOM:
         SOM
             ``self``.
         """
+        if not float(checkpoint_every) >= 0:
+            raise SOMError(f"checkpoint_every={checkpoint_every!r}: give seconds ≥ 0 (0 = every epoch)")
         self._validate()
         shard = self._check_shard(shard)
         dev = self._dev
@@ -384,6 +392,7 @@ class SOM:
             from tqdm.auto import tqdm
             bar = tqdm(total=N * E, initial=N * start_epoch, unit="sample",
                        desc=f"SOM {self.m}x{self.n}", leave=False)
+        last_save = time.monotonic()
         try:
             for epoch in range(start_epoch, E):
                 if self.mode == "online":
@@ -399,8 +408,10 @@ class SOM:
                     self._batch_epoch(W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar, shard)
                 self.epoch_ = epoch + 1
                 self._set_curves(curve_rows, epoch_rows)
-                if checkpoint is not None and (shard is None or shard[0] == 0):
+                if checkpoint is not None and (shard is None or shard[0] == 0) and \
+                        time.monotonic() - last_save >= float(checkpoint_every):
                     self.save(checkpoint)
+                    last_save = time.monotonic()
         finally:
             if bar is not None:
                 bar.close()
@@ -433,7 +444,8 @@ class SOM:
         lrs = np.zeros(n_batches)
         t = epoch * N  # samples seen before this epoch; equals self.samples_ on a clean run
         step = 0
-        chunk = rows.chunk_rows(B)
+        # whole blocks of the online loop per chunk, so chunking cannot change the result
+        chunk = rows.chunk_rows(_train.block_rows(B, rows.d) if shard is None else B)
         if shard is not None:
             from somprobe.distributed import all_reduce_
 

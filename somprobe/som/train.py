@@ -17,7 +17,8 @@ state. Both loops work on mini-batches with matrix products only (never a B×G×
 
 Cosine BMUs maximise ``x·W_j / ‖W_j‖`` and euclidean BMUs minimise ``‖W_j‖² − 2 x·W_j``; both need
 ``‖W_j‖²``. The online loop updates it from quantities it already has instead of re-reading W
-(see :func:`online_step`), and recomputes it exactly every :data:`RENORM_EVERY` steps.
+(see :func:`online_step`), and recomputes it exactly at the start of every block of steps
+(:func:`online_block`, which also reads and writes W once per block instead of every step).
 """
 from __future__ import annotations
 
@@ -28,16 +29,11 @@ import torch
 
 __all__ = ["DECAYS", "decay_factor", "online_step", "online_pass", "batch_accumulate", "bmu_scores",
            "online_step_shared", "online_pass_shared",
-           "RENORM_EVERY", "NEIGHBOURHOOD_EPS",
+           "NEIGHBOURHOOD_EPS", "online_block", "block_rows", "BLOCK_ROWS",
            "INCREMENTAL_NORMS_MAX_BATCH", "neighbourhood", "NEIGHBOURHOOD_CUTOFF"]
 
 #: quicksom's constant in the Gaussian neighbourhood's denominator (2σ² + eps).
 NEIGHBOURHOOD_EPS = 1e-5
-
-#: Exact recomputation of the squared weight norms every this many online steps, so the
-#: incremental update cannot drift (float32 rounding) over long epochs.
-RENORM_EVERY = 256
-
 
 def _exp(f: float) -> float:
     return math.exp(-5.0 * f)
@@ -158,6 +154,83 @@ def _sq_norms(W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.mul_(out)
 
 
+#: Rows per block of the online loop (``block_rows``): enough for the block's two matrix products
+#: to run at GEMM speed, few enough that tracking the block's scores stays cheaper than re-reading W.
+BLOCK_ROWS = 160
+
+
+def block_rows(batch_size: int, dim: int) -> int:
+    """Rows of data the online loop processes per block (a multiple of ``batch_size``).
+
+    One batch per block (the plain step-by-step loop) when incremental norms are off
+    (``batch_size > INCREMENTAL_NORMS_MAX_BATCH``); otherwise about :data:`BLOCK_ROWS`, and at
+    most ``2·dim`` rows, past which tracking the block's scores (O(G·rows) per step) costs more
+    than the O(G·dim) pass over W it saves.
+    """
+    B = int(batch_size)
+    if B > INCREMENTAL_NORMS_MAX_BATCH:
+        return B
+    return B * max(1, min(BLOCK_ROWS, 2 * int(dim)) // B)
+
+
+def online_block(W: torch.Tensor, wsq: torch.Tensor, xb: torch.Tensor, sqd: torch.Tensor, *,
+                 batch_size: int, t0: int, total: int, alpha0: float, sigma0: float, decay: str,
+                 metric: str, step0: int, losses: torch.Tensor, lrs: np.ndarray) -> int:
+    """The online rule over consecutive mini-batches ``xb`` with one read and one write of ``W``.
+
+    Equal, up to float rounding, to calling :func:`online_step` on each mini-batch of
+    ``batch_size`` rows in turn (the same α, σ, BMUs, neighbourhoods and ``‖W_j‖²``), but the
+    weights are touched only twice per block instead of three times per step:
+
+    * the scores ``S = W Xᵀ`` of every row of the block are computed at the start by one matrix
+      product, and kept equal to the current weights' after each step ``W ← diag(c) W + U``
+      (``U = α/B · Hᵀ x``) by ``S ← diag(c) S + α/B · Hᵀ (x Xᵀ)``: O(G·rows) per step, no pass
+      over W;
+    * the steps' updates are gathered (each ``U`` scaled by the later steps' ``c``) and applied
+      at the end by one product: ``W ← diag(Π c) W + Ĥᵀ X``.
+
+    ``‖W_j‖²`` is recomputed exactly from W at the start of each block and updated
+    incrementally within it (as in :func:`online_step`). Arguments as in :func:`online_pass`;
+    returns the samples seen after the block.
+    """
+    B, nb, G = int(batch_size), xb.shape[0], W.shape[0]
+    _sq_norms(W, out=wsq)
+    S = torch.mm(W, xb.t())                                   # [G, nb]
+    gram = torch.mm(xb, xb.t())                               # [nb, nb]
+    pending = torch.empty(nb, G, device=W.device, dtype=W.dtype)   # Ĥ
+    scale = torch.ones(G, device=W.device, dtype=W.dtype)          # Π c
+    best = torch.empty(nb, device=W.device, dtype=W.dtype)
+    t, step = t0, step0
+    for a in range(0, nb, B):
+        b = min(a + B, nb)
+        St = S[:, a:b]
+        s = decay_factor(decay, t, total)
+        lrs[step] = s
+        coef = alpha0 * s / (b - a)
+        top, bmu = bmu_scores(St, wsq, metric).max(dim=0)
+        best[a:b] = top
+        H = neighbourhood(sqd, bmu, sigma0 * s)              # [b−a, G]
+        c = torch.sum(H, 0).mul_(-coef).add_(1.0)
+        # ‖c W + U‖² = c (c ‖W‖² + 2 coef Σ_b h S) + coef² hᵀ(x xᵀ)h
+        wu = (H * St.t()).sum(0)
+        uu = (torch.mm(gram[a:b, a:b], H) * H).sum(0)
+        wsq.mul_(c).add_(wu, alpha=2.0 * coef).mul_(c).add_(uu, alpha=coef * coef)
+        if b < nb:
+            S[:, b:].mul_(c[:, None]).addmm_(H.t(), gram[a:b, b:], alpha=coef)
+        if a:
+            pending[:a].mul_(c)
+        torch.mul(H, coef, out=pending[a:b])
+        scale.mul_(c)
+        t += b - a
+        step += 1
+    W.mul_(scale[:, None])
+    W.addmm_(pending.t(), xb)
+    dist = _bmu_distance(best, torch.diagonal(gram), metric)
+    steps = torch.arange(nb, device=W.device) // B
+    losses[step0:step].index_add_(0, steps, dist)
+    return t
+
+
 def online_pass(W: torch.Tensor, wsq: torch.Tensor, chunk: torch.Tensor, sqd: torch.Tensor, *,
                 batch_size: int, t0: int, total: int, alpha0: float, sigma0: float, decay: str,
                 metric: str, step0: int, losses: torch.Tensor, lrs: np.ndarray) -> int:
@@ -165,22 +238,31 @@ def online_pass(W: torch.Tensor, wsq: torch.Tensor, chunk: torch.Tensor, sqd: to
 
     ``losses[i]`` receives the sum of BMU distances of step ``step0 + i``-th batch of the
     epoch and ``lrs[i]`` its scale ``s``; returns the number of samples seen after the chunk.
-    Norms are recomputed exactly whenever the epoch's step index is a multiple of
-    :data:`RENORM_EVERY`, which keeps results independent of how the data is chunked.
+    The chunk is processed in blocks of :func:`block_rows` rows (:func:`online_block`); a chunk
+    holds whole blocks (except at the end of the epoch), so results do not depend on how the
+    data is chunked.
     """
     n = chunk.shape[0]
     t = t0
     step = step0
-    for start in range(0, n, batch_size):
-        x = chunk[start:start + batch_size]
-        if step % RENORM_EVERY == 0:
-            _sq_norms(W, out=wsq)
-        s = decay_factor(decay, t, total)
-        lrs[step] = s
-        dist = online_step(W, wsq, x, sqd, alpha0 * s, sigma0 * s, metric)
-        losses[step] = dist.sum()
-        t += x.shape[0]
-        step += 1
+    rows = block_rows(batch_size, W.shape[1])
+    if rows == batch_size and batch_size > INCREMENTAL_NORMS_MAX_BATCH:
+        _sq_norms(W, out=wsq)  # online_step recomputes them after each step
+        for start in range(0, n, batch_size):
+            x = chunk[start:start + batch_size]
+            s = decay_factor(decay, t, total)
+            lrs[step] = s
+            dist = online_step(W, wsq, x, sqd, alpha0 * s, sigma0 * s, metric)
+            losses[step] = dist.sum()
+            t += x.shape[0]
+            step += 1
+        return t
+    for start in range(0, n, rows):
+        xb = chunk[start:start + rows]
+        t = online_block(W, wsq, xb, sqd, batch_size=batch_size, t0=t, total=total, alpha0=alpha0,
+                         sigma0=sigma0, decay=decay, metric=metric, step0=step, losses=losses,
+                         lrs=lrs)
+        step += -(-xb.shape[0] // batch_size)
     return t
 
 
