@@ -38,11 +38,12 @@ THREADED_STEP_FLOPS = 2 * 100 * 400 * 2048
 #: Below this estimated one-core time a job runs in the calling process: a worker costs about
 #: a second of imports, which tiny jobs would not win back.
 MIN_PARALLEL_SECONDS = 1.5
-# Cost model of one online step on one core: a fixed overhead (Python and kernel launches) plus
-# the flops at a throughput typical of small products (measured on the 2-core reference machine
-# it is 3-6x lower than the matmul peak at batch 10).
-_STEP_OVERHEAD_S = 60e-6
-_FLOPS_PER_S = 3e10
+# Cost model of one online step on one core: a fixed overhead (~25 small tensor operations of
+# bookkeeping per step) plus the flops at matrix-product speed (the online loop works in blocks
+# of ~160 rows, whose two products run near the GEMM peak: ~70 GF/s on one core of the 2-core
+# reference machine; 250 µs per step measured there on a 10×10 map).
+_STEP_OVERHEAD_S = 250e-6
+_FLOPS_PER_S = 6e10
 
 
 def available_cores() -> int:
