@@ -318,19 +318,11 @@ class StoreWriter:
         """
         if start != self.rows_done:
             raise StoreError(f"rows must be written in order: next row is {self.rows_done}, got {start}")
-        labels = np.asarray(labels)
-        b = len(labels)
-        if start + b > self.n_rows:
-            raise StoreError(f"writing rows {start}..{start + b - 1} past the end ({self.n_rows} rows)")
-        if set(codes) != set(self.layers_dims):
-            raise StoreError(f"batch has layers {sorted(codes)}, store expects {list(self.layers_dims)}")
-        for layer, arr in codes.items():
-            if len(arr) != b:
-                raise StoreError(f"layer {layer}: {len(arr)} rows for a batch of {b}")
-            self._put(layer, start, arr)
-        self._put(LABELS, start, labels)
-        self._put(PREDS, start, np.asarray(preds))
-        self.rows_done = start + b
+        if start + len(labels) > self.n_rows:
+            raise StoreError(f"writing rows {start}..{start + len(labels) - 1} past the end "
+                             f"({self.n_rows} rows)")
+        self.put_rows(start, codes, labels, preds)
+        self.rows_done = start + len(labels)
         self._write_manifest(complete=False)
 
     # -- several ranks (issue 12) ---------------------------------------------------------
