@@ -251,3 +251,69 @@ def test_softplus_surrogate_gives_start_independent_curvatures():
         softplus_surrogate(trained_mlp("softplus"))
     resnet = softplus_surrogate(build_model("test_resnet", num_classes=10, seed=0), 10.0)
     assert not any(isinstance(m, torch.nn.ReLU) for m in resnet.modules())
+
+
+def test_lanczos_early_stop_per_sample_matches_eigvalsh_and_shrinks_the_batch():
+    # Two operators whose extreme eigenvalues stand far from a cluster converge in a few steps;
+    # two with a spread spectrum need more: the samples stop at different steps, and once a
+    # sample has stopped it is no longer passed to matvec. A fifth operator with 6 distinct
+    # eigenvalues (repeated) breaks down at step 6 and must run on to find the repeats.
+    gen = torch.Generator().manual_seed(5)
+    d, k = 40, 2
+    Q, _ = torch.linalg.qr(torch.randn(3, d, d, generator=gen, dtype=torch.float64))
+    far = torch.cat([torch.tensor([-40.0, -20.0, 20.0, 40.0], dtype=torch.float64),
+                     torch.rand(d - 4, generator=gen, dtype=torch.float64) * 2 - 1])
+    few = torch.tensor([-3.0, -1.0, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64).repeat_interleave(7)[:d]
+    diag = torch.stack([far, far.flip(0), few])
+    easy = Q @ torch.diag_embed(diag) @ Q.transpose(1, 2)
+    R = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
+    M = torch.cat([easy[:2], R + R.transpose(1, 2), easy[2:]])
+    seen = []
+
+    def matvec(u, index):
+        seen.append(index.tolist())
+        return torch.einsum("bij,bj->bi", M[index], u)
+
+    v0 = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    top, bottom, steps = lanczos_extremes(matvec, v0, k, iters=d, tol=1e-10, check_every=1,
+                                          return_steps=True)
+    ev = torch.linalg.eigvalsh(M)
+    assert torch.allclose(top, ev.flip(1)[:, :k], atol=1e-8)
+    assert torch.allclose(bottom, ev[:, :k], atol=1e-8)
+    assert torch.allclose(top[4], torch.tensor([4.0, 4.0], dtype=torch.float64), atol=1e-8)  # the repeat
+    s = steps.tolist()
+    assert max(s[:2]) < min(s[2:4]) and s[4] == d, s
+    assert seen[s[0] - 1].count(0) == 1 and all(0 not in idx for idx in seen[max(s[:2]):])
+    assert len(seen) == max(s)
+    # without tol: every sample runs all iterations, same values
+    top2, bottom2, steps2 = lanczos_extremes(lambda u: torch.einsum("bij,bj->bi", M, u), v0, k,
+                                             iters=d, return_steps=True)
+    assert steps2.tolist() == [d] * 5
+    assert torch.allclose(top2, top, atol=1e-8) and torch.allclose(bottom2, bottom, atol=1e-8)
+    with pytest.raises(GeometryError, match="tol"):
+        lanczos_extremes(matvec, v0, 2, tol=-1.0)
+
+
+def test_principal_curvatures_alone_equal_batched_on_a_relu_net():
+    # The finite-difference operator of a ReLU net is not linear, so its Lanczos values depend on
+    # the start vector: every sample starts from the same one, so a sample's curvatures do not
+    # depend on the batch it is in (nor on its position), and early-stopped values match the
+    # full-iteration ones.
+    model = trained_mlp("relu")
+    x, _ = digits_data()
+    x = x[1500:1506]
+    top2 = model(x).topk(2, dim=1).indices
+    F = Margin(model, top2[:, 1], top2[:, 0])
+    batched = principal_curvatures(F, x, k=3, h=0.5)
+    assert float(batched.top.abs().max()) > 0
+    for b in (0, 4):
+        alone = principal_curvatures(Margin(model, top2[b:b + 1, 1], top2[b:b + 1, 0]), x[b:b + 1], k=3, h=0.5)
+        assert torch.allclose(alone.top[0], batched.top[b], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(alone.bottom[0], batched.bottom[b], rtol=1e-5, atol=1e-6)
+        assert int(alone.steps[0]) == int(batched.steps[b])
+    rev = principal_curvatures(Margin(model, top2.flip(0)[:, 1], top2.flip(0)[:, 0]), x.flip(0), k=3, h=0.5)
+    assert torch.allclose(rev.top.flip(0), batched.top, rtol=1e-5, atol=1e-6)
+    full = principal_curvatures(F, x, k=3, h=0.5, tol=None)
+    assert full.steps.tolist() == [26] * 6
+    assert torch.allclose(full.top, batched.top, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(full.bottom, batched.bottom, rtol=1e-3, atol=1e-5)
