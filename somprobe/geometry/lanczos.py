@@ -15,8 +15,7 @@ import torch
 from ..errors import GeometryError
 from .hessian import DEFAULT_H, _normal, _rows, gradient, projected_hvp
 
-__all__ = ["lanczos_extremes", "principal_curvatures", "PrincipalCurvatures", "default_iters"]
-__all__ += ["DEFAULT_TOL"]
+__all__ = ["DEFAULT_TOL", "PrincipalCurvatures", "default_iters", "lanczos_extremes", "principal_curvatures"]
 
 
 def default_iters(k: int, d: int) -> int:
