@@ -13,7 +13,8 @@ Two parts, both in one run of this script:
 2. **Decoder cards.** ``train_decoders`` (the library call behind ``somprobe decoder``) for
    each layer on ``--max-train`` training images with the study's default epochs and batch
    sizes; prints per layer: latent shape, val MSE of the decoder and of the least-squares
-   linear decoder (the bar), their ratio, PSNR and class kept.
+   linear decoder (the bar), their ratio, the conv decoder alone, the mean gate, the epoch
+   kept, the ridge picked, the linear part's basis, PSNR and class kept.
 
     python benchmarks/decoders.py --run /work/runs-shared/fmnist-resnet18 \\
         --out /work/runs-shared/decoders-fmnist --max-train 10000
@@ -127,10 +128,15 @@ def main(argv=None) -> None:
                            max_val=a.max_val, width=a.width, blocks=a.blocks, lr=a.lr,
                            device=a.device, seed=a.seed, resume=a.resume, progress=True)
     print(f"{'layer':6} {'latent':>10} {'epochs':>6} {'val MSE':>9} {'linear':>9} {'lin/dec':>8} "
+          f"{'conv':>9} {'gate':>5} {'best':>4} {'ridge':>6} {'basis':>9} "
           f"{'PSNR dB':>8} {'lin PSNR':>8} {'kept':>6} {'beats':>5} {'s':>7}")
     for layer, c in cards.items():
+        conv = c.get("conv_val_mse")
         print(f"{layer:6} {'x'.join(map(str, c['latent_shape'])):>10} {c['epochs']:6d} "
-              f"{c['val_mse']:9.5f} {c['linear_val_mse']:9.5f} {c['linear_val_mse'] / c['val_mse']:8.2f} "
+              f"{c['val_mse']:9.5f} {c['linear_val_mse']:9.5f} {c['linear_val_mse'] / c['val_mse']:8.3f} "
+              f"{conv if conv is None else f'{conv:.5f}':>9} {c.get('gate_mean') or 0:5.2f} "
+              f"{c.get('best_epoch', c['epochs']):4d} {c.get('linear_ridge') or 0:6.0e} "
+              f"{str(c.get('linear_basis')):>9} "
               f"{c['psnr']:8.2f} {c['linear_psnr']:8.2f} {c['class_kept']:6.3f} "
               f"{str(c['beats_linear']):>5} {c['seconds']:7.0f}")
     print(f"total {time.perf_counter() - t:.0f} s; cards in {out.decoders_dir}")

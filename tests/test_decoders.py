@@ -15,7 +15,8 @@ from somprobe.paths.decoder_job import (
     load_decoder, read_decoder, require_decoder, save_decoder, train_decoders,
 )
 from somprobe.paths.decoders import (
-    build_decoder, decode, decoder_arch, fit_linear_decoder, latent_kind, psnr, train_epoch,
+    RIDGE_GRID, RidgeStats, build_decoder, decode, decoder_arch, fit_linear_decoder, fit_ridge,
+    fit_gate, latent_kind, linear_basis, psnr, reduce_latent, train_epoch,
 )
 from somprobe.run import Run
 
@@ -54,21 +55,103 @@ def test_architecture_follows_latent_shape(shape, prefix, kind, side):
         d(torch.randn(3, *[s + 1 for s in shape]))
 
 
+def _fit_part(d, z, x, zh=None, xh=None, grid=RIDGE_GRID):
+    """Fit ``d``'s linear part on (z, x), ridge picked on (zh, xh)."""
+    dim, n_pix = d.lin_weight.shape
+    fit = RidgeStats(dim, n_pix).update(reduce_latent(z, d.linear), x)
+    hold = RidgeStats(dim, n_pix).update(reduce_latent(zh, d.linear), xh) if zh is not None else None
+    out = fit_ridge(fit, hold, grid=grid)
+    d.set_linear(out["weight"], out["bias"])
+    return out
+
+
 def test_training_beats_linear_decoder_where_linear_cannot_be_exact():
     z, x = _blobs(512)
     zv, xv = _blobs(256, seed=1)
+    zh, xh = _blobs(64, seed=2)
     linear = fit_linear_decoder(z, x)
     lin_mse = _mse(linear(zv), xv)
     d = build_decoder([2], 16, width=32, min_width=16, blocks=1, seed=0)
+    _fit_part(d, z, x, zh, xh)
     start = _mse(decode(d, zv), xv)
+    # a fresh linear + residual decoder is its least-squares linear part (the bar) exactly
+    assert start == pytest.approx(lin_mse, rel=1e-4)
     opt = torch.optim.Adam(d.parameters(), 1e-2)
     losses = []
     for epoch in range(8):
         perm = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
         losses.append(train_epoch(d, opt, ((z[perm[i:i + 32]], x[perm[i:i + 32]]) for i in range(0, 512, 32))))
+    assert losses[-1] < 0.5 * losses[0], losses
+    # the trained conv decoder alone beats the linear map on these non-linear images; the gate
+    # fitted on held-out blobs keeps the better of the two per pixel
+    conv = _mse(d.conv(zv).detach(), xv)
+    assert conv < 0.5 * lin_mse, (conv, lin_mse)
+    assert float(d.gate.abs().max()) == 0  # training touches the conv decoder only
+    gate = fit_gate(d, [(zh, xh)])
+    assert 0 <= float(gate.min()) and float(gate.max()) <= 1 and float(gate.mean()) > 0.5
     end = _mse(decode(d, zv), xv)
-    assert losses[-1] < 0.2 * losses[0] and end < 0.1 * start
-    assert end < 0.5 * lin_mse, (end, lin_mse)
+    assert end < 0.5 * lin_mse and end < 1.2 * conv, (end, conv, lin_mse)
+    # against a brute-force per-pixel search of the blend weight on the held-out blobs
+    with torch.no_grad():
+        lin_h, conv_h = d.linear_part(zh), d.conv(zh)
+    ws = torch.linspace(0, 1, 201).view(-1, 1, 1, 1)
+    err = ((lin_h[None] + ws[:, None] * (conv_h - lin_h)[None] - xh[None]) ** 2).sum(1)
+    brute = ws.flatten()[err.argmin(0)]
+    assert (gate - brute).abs().max() <= 0.005 + 1e-6
+
+
+def test_linear_part_at_step_zero_is_lstsq_on_exactly_linear_latents():
+    # latents that are an exactly (and invertibly) linear function of the images: the decoder
+    # before any training step reproduces numpy's least-squares solution
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 3, 4, 4, generator=g) * 0.8 + 0.1
+    q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    z = (x.flatten(1).double() @ q).float().view(300, 12, 2, 2) * 3 + 1
+    d = build_decoder([12, 2, 2], 4, width=8, min_width=8, blocks=1, seed=0)
+    assert d.linear == {"basis": "full", "dim": 48}
+    out = _fit_part(d, z[:250], x[:250], z[250:], x[250:])
+    assert out["ridge"] == RIDGE_GRID[0]  # an exact linear relation: the least ridge wins held out
+    zc = np.concatenate([z[:250].flatten(1).double().numpy(), np.ones((250, 1))], 1)
+    coef = np.linalg.lstsq(zc, x[:250].flatten(1).double().numpy(), rcond=None)[0]
+    ref = np.concatenate([z.flatten(1).double().numpy(), np.ones((300, 1))], 1) @ coef
+    torch.testing.assert_close(decode(d, z).flatten(1), torch.from_numpy(ref).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode(d, z), x, atol=1e-5, rtol=0)
+    # an untrained conv decoder is worse than the exact linear map: the fitted gate stays ~0
+    gate = fit_gate(d, [(z[250:], x[250:])])
+    assert float(gate.max()) < 1e-3
+    torch.testing.assert_close(decode(d, z), x, atol=1e-4, rtol=0)
+
+
+def test_ridge_holdout_scores_and_reduced_basis():
+    g = torch.Generator().manual_seed(1)
+    r, x = torch.randn(120, 10, generator=g), torch.rand(120, 6, generator=g)
+    grid = (1e-6, 1e-2, 1.0, 10.0)
+    out = fit_ridge(RidgeStats(10, 6).update(r[:60], x[:60]).update(r[60:100], x[60:100]),
+                    RidgeStats(10, 6).update(r[100:], x[100:]), grid=grid)
+    # every closed-form held-out score equals the brute-force one from an explicit solve
+    mr, mx = r[:100].double().mean(0), x[:100].double().mean(0)
+    rc, xc = r[:100].double() - mr, x[:100].double() - mx
+    c = rc.T @ rc
+    scale = torch.linalg.eigvalsh(c).clamp_min(0).mean()
+    brute = []
+    for v in grid:
+        w = torch.linalg.solve(c + v * scale * torch.eye(10, dtype=torch.float64), rc.T @ xc)
+        brute.append(float((((r[100:].double() - mr) @ w + mx - x[100:].double()) ** 2).mean()))
+    assert out["holdout_mse"] == pytest.approx(brute, rel=1e-9)
+    assert out["ridge"] == grid[int(np.argmin(brute))]
+    # latents above max_linear_dim are reduced by a fixed linear map before the fit
+    assert linear_basis([64, 16, 16]) == {"basis": "avgpool2d", "factor": 2, "dim": 4096}
+    assert linear_basis([197, 768]) == {"basis": "avgpool1d", "dim": 4096}
+    assert linear_basis([512, 1, 1]) == {"basis": "full", "dim": 512}
+    d = build_decoder([4, 4, 4], 8, width=8, min_width=8, blocks=1, max_linear_dim=16)
+    assert d.linear == {"basis": "avgpool2d", "factor": 2, "dim": 16}
+    zz, xx = torch.randn(80, 4, 4, 4, generator=g), torch.rand(80, 3, 8, 8, generator=g) * 0.2 + 0.4
+    _fit_part(d, zz, xx, grid=(1e-9,))
+    pooled = torch.nn.functional.avg_pool2d(zz, 2).flatten(1)
+    zc = np.concatenate([pooled.double().numpy(), np.ones((80, 1))], 1)
+    coef = np.linalg.lstsq(zc, xx.flatten(1).double().numpy(), rcond=None)[0]
+    torch.testing.assert_close(d.linear_part(zz).flatten(1), torch.from_numpy(zc @ coef).float(),
+                               atol=1e-5, rtol=0)
 
 
 def test_linear_decoder_is_least_squares():
@@ -157,8 +240,18 @@ def test_job_on_mnist5k_cards_samples_and_load(tmp_path, model):
     cards = train_decoders(run, "CL2,CL4", model=model, epochs=2, lr=1e-2, **_KW)
     for layer, card in cards.items():
         assert card["latent_kind"] == ("map" if layer == "CL2" else "vector")
-        # training reduces the val MSE below the untrained decoder's
-        assert card["val_mse"] < 0.9 * card["val_mse_init"] and card["train_mse"][1] < card["train_mse"][0]
+        # the decoder starts at its least-squares linear part, which is the bar (latents of at
+        # most 4096 numbers), and keeps the best held-out epoch: it cannot lose to the bar there
+        assert card["linear_basis"] == "full" and card["n_holdout"] == 13 and card["n_train"] == 115
+        assert card["val_mse_init"] == pytest.approx(card["linear_val_mse"], abs=1e-6)
+        assert card["linear_val_mse"] == card["linear_part_val_mse"]
+        best = card["best_epoch"]
+        assert card["best_holdout_mse"] == min([card["holdout_mse_init"]] + card["holdout_mse_epochs"])
+        assert card["best_holdout_mse"] <= card["holdout_mse_init"]
+        if best > 0:
+            assert card["val_mse"] == pytest.approx(card["val_mse_epochs"][best - 1], abs=1e-6)
+        assert card["val_mse"] <= card["linear_val_mse"] + 1e-7
+        assert card["linear_ridge"] in RIDGE_GRID and len(card["linear_ridge_holdout_mse"]) == len(RIDGE_GRID)
         assert card["psnr"] == pytest.approx(10 * math.log10(1 / card["val_mse"]), abs=1e-3)
         assert card["class_kept"] == pytest.approx(card["decoded_acc"] / card["clean_acc"], abs=1e-5)
         assert card["beats_linear"] == (card["val_mse"] < card["linear_val_mse"])

@@ -32,7 +32,8 @@ from ..device import resolve_device
 from ..errors import DecoderError
 from ..run import Run, atomic_output, atomic_write_json, save_csv
 from .decoders import (
-    Decoder, build_decoder, decode, decoder_defaults, fit_linear_decoder, psnr, train_epoch,
+    RIDGE_GRID, Decoder, RidgeStats, build_decoder, decode, decoder_defaults, fit_linear_decoder,
+    fit_gate, fit_ridge, psnr, reduce_latent, train_epoch,
 )
 
 __all__ = ["train_decoders", "train_decoder", "load_decoder", "read_decoder", "save_decoder",
@@ -40,14 +41,17 @@ __all__ = ["train_decoders", "train_decoder", "load_decoder", "read_decoder", "s
 
 #: ``format`` entry of a decoder file; anything else is refused as foreign.
 DECODER_FORMAT = "somprobe-decoder"
-_VERSION = 1
+_VERSION = 2
+#: Versions read back: 1 = conv stack + sigmoid (no linear part), 2 = linear part + gated conv.
+_READABLE = (1, 2)
 #: Columns of ``decoders/cards.csv``.
 CARD_COLUMNS = ["layer", "latent_shape", "kind", "epochs", "batch_size", "n_train", "n_val",
                 "train_mse", "val_mse", "psnr", "linear_val_mse", "linear_psnr", "beats_linear",
+                "linear_basis", "linear_part_val_mse", "conv_val_mse", "best_epoch",
                 "clean_acc", "decoded_acc", "class_kept", "seconds"]
 # settings that must match to continue a decoder's training with --resume
 _RESUME_KEYS = ("model", "dataset", "image_size", "latent_shape", "arch", "epochs", "batch_size",
-                "lr", "seed", "n_train")
+                "lr", "seed", "n_train", "n_holdout")
 
 
 # --------------------------------------------------------------------------- files
@@ -81,9 +85,9 @@ def read_decoder(path: str | Path, *, device="cpu", fix: str = "retrain it with 
     obj = _torch_load(path, "decoder", fix)
     if not isinstance(obj, dict) or obj.get("format") != DECODER_FORMAT:
         raise DecoderError(f"{path} is not a somprobe decoder file (no format {DECODER_FORMAT!r}); {fix}")
-    if obj.get("version") != _VERSION:
+    if obj.get("version") not in _READABLE:
         raise DecoderError(f"{path} is decoder format version {obj.get('version')!r}, this somprobe "
-                           f"reads version {_VERSION}; {fix}")
+                           f"reads versions {', '.join(map(str, _READABLE))}; {fix}")
     sd = obj.get("state_dict")
     try:
         arch = json.loads(obj.get("arch", ""))
@@ -196,10 +200,60 @@ def _accuracy(model, x, labels, batch_size=256) -> tuple[float, torch.Tensor]:
     return float((pred.cpu() == labels).float().mean()), pred.cpu()
 
 
+def _chunks(head, dataset, idx, size, device, cache, batch_size=256):
+    """``(z, x)`` chunks of ``idx``: slices of ``cache`` when given, else streamed through ``head``."""
+    for s in range(0, len(idx), batch_size):
+        if cache is not None:
+            yield cache[0][s:s + batch_size], cache[1][s:s + batch_size]
+            continue
+        x = dataset.images(idx[s:s + batch_size], size).to(device)
+        with torch.no_grad():
+            z = head(x)
+        yield z, x
+
+
+@torch.no_grad()
+def _chunked_mse(decoder, chunks) -> float:
+    """Mean squared error of ``decoder`` (clipped output) over ``(z, x)`` chunks."""
+    total, n = 0.0, 0
+    for z, x in chunks:
+        total += float(F.mse_loss(decode(decoder, z), x, reduction="sum"))
+        n += x.numel()
+    return total / max(n, 1)
+
+
+def _val_mse(fn, z, x, x_hat=None, chunk: int = 256) -> float:
+    """Mean squared error of ``fn(z)`` (or of ready ``x_hat``) against ``x``, summed in float64."""
+    total = 0.0
+    for s in range(0, len(x), chunk):
+        pred = x_hat[s:s + chunk] if x_hat is not None else fn(z[s:s + chunk])
+        total += float(((pred.double() - x[s:s + chunk].double()) ** 2).sum())
+    return total / max(x.numel(), 1)
+
+
+def _fit_linear_part(decoder: Decoder, fit_chunks, holdout_chunks, device) -> dict:
+    """Fit the decoder's linear part in closed form (ridge chosen on the held-out chunks)."""
+    basis = decoder.linear
+    n_pix = decoder.lin_bias.numel()
+    fit = RidgeStats(int(basis["dim"]), n_pix, device=device)
+    for z, x in fit_chunks:
+        fit.update(reduce_latent(z, basis), x)
+    hold = RidgeStats(int(basis["dim"]), n_pix, device=device)
+    for z, x in holdout_chunks:
+        hold.update(reduce_latent(z, basis), x)
+    out = fit_ridge(fit, hold if hold.n else None)
+    decoder.set_linear(out["weight"], out["bias"])
+    grid = out["holdout_mse"]
+    return {"linear_ridge": out["ridge"], "linear_lambda": out["lam"],
+            "linear_ridge_grid": list(RIDGE_GRID),
+            "linear_ridge_holdout_mse": None if grid is None else [round(v, 8) for v in grid]}
+
+
 def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: int | None = None,
                   batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
                   max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
-                  width: int = 64, min_width: int = 16, blocks: int = 2, cache_mb: float = 2048,
+                  width: int = 64, min_width: int = 16, blocks: int = 2, linear: bool = True,
+                  holdout: float = 0.1, gate_samples: int = 2048, cache_mb: float = 2048,
                   device="auto", seed: int = 0, resume: bool = False, overwrite: bool = False,
                   progress: bool = False) -> dict:
     """Train, score and save the decoder of one layer; return its card (see :func:`train_decoders`)."""
@@ -207,9 +261,10 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
 
     dev = resolve_device(device)
     if lr <= 0 or (epochs is not None and epochs < 1) or (batch_size is not None and batch_size < 1) \
-            or max_val < 1 or n_linear < 2:
+            or max_val < 1 or n_linear < 2 or not 0 <= holdout < 1 or gate_samples < 1:
         raise DecoderError(f"lr ({lr}), epochs ({epochs}), batch_size ({batch_size}) and max_val "
-                           f"({max_val}) must be positive and n_linear ({n_linear}) at least 2")
+                           f"({max_val}) must be positive, n_linear ({n_linear}) at least 2 and "
+                           f"holdout ({holdout}) in [0, 1)")
     card_path, state_path = run.decoder_card(layer), run.decoder_state(layer)
     if card_path.is_file() and not overwrite:
         if resume:
@@ -224,17 +279,24 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
     shape = list(z0.shape[1:])
     prefix = int(getattr(model.net, "num_prefix_tokens", 0) or 0) if len(shape) == 2 else 0
     decoder = build_decoder(shape, size, prefix_tokens=prefix, width=width, min_width=min_width,
-                            blocks=blocks, seed=seed).to(dev)
+                            blocks=blocks, linear=linear, seed=seed).to(dev)
     defaults = decoder_defaults(decoder.arch["kind"])
     epochs = int(epochs or defaults["epochs"])
     batch_size = int(batch_size or defaults["batch_size"])
-    tr_idx = _subset(len(train_data), max_train, seed)
-    va_idx = _subset(len(val_data), max_val, seed + 1)
+    all_idx = _subset(len(train_data), max_train, seed)
+    # a seeded held-out slice of the training subset picks the ridge of the linear part and the
+    # epoch kept (epoch 0 = the linear solution); the val split is only ever used for the card
+    n_hold = int(round(holdout * len(all_idx))) if len(all_idx) >= 10 else 0
+    hold_pos = np.random.default_rng([seed, 5]).permutation(len(all_idx))[:n_hold]
+    ho_idx = np.sort(all_idx[hold_pos])
+    tr_idx = np.delete(all_idx, hold_pos)
     settings = {"model": getattr(model, "name", ""), "dataset": f"{train_data.name}/{train_data.split}",
                 "image_size": size, "latent_shape": shape, "arch": decoder.arch, "epochs": epochs,
-                "batch_size": batch_size, "lr": float(lr), "seed": int(seed), "n_train": int(len(tr_idx))}
+                "batch_size": batch_size, "lr": float(lr), "seed": int(seed), "n_train": int(len(tr_idx)),
+                "n_holdout": int(n_hold)}
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
-    history = {"train_mse": [], "val_mse_epochs": [], "epoch_seconds": []}
+    history = {"train_mse": [], "val_mse_epochs": [], "holdout_mse_epochs": [], "epoch_seconds": []}
+    best = None  # (epoch, holdout mse, state dict) of the best epoch so far
     start = 0
     if state_path.is_file() and not overwrite:
         if not resume:
@@ -253,22 +315,53 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
             opt.load_state_dict(st["optimizer"])
             start = int(st["epoch"])
             history = json.loads(st["history"])
+            if st.get("best") is not None:
+                best = (int(history["best_epoch"]), float(history["best_holdout_mse"]), st["best"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, DecoderError):
                 raise
             raise DecoderError(f"decoder checkpoint {state_path} is inconsistent ({str(e)[:200]}); "
                                "delete it and train again") from e
 
+    va_idx = _subset(len(val_data), max_val, seed + 1)
     z_val, x_val = _latents(head, val_data, va_idx, size, dev)
-    if start == 0:
-        history["val_mse_init"] = round(float(F.mse_loss(decode(decoder, z_val), x_val)), 7)
     steps = -(-len(tr_idx) // batch_size)
     # The head is frozen: its latents are the same every epoch, so compute them once when they fit
     # in cache_mb (the head pass costs about as much as a decoder step). Whether the cache is used
     # depends only on the settings, so a resumed training sees the same numbers.
-    cache = None
-    if start < epochs and len(tr_idx) * 4 * (math.prod(shape) + 3 * size * size) <= cache_mb * 2 ** 20:
+    per_image = 4 * (math.prod(shape) + 3 * size * size)
+    cache = hold_cache = None
+    if start < epochs and len(all_idx) * per_image <= cache_mb * 2 ** 20:
         cache = _latents(head, train_data, tr_idx, size, dev)
+        hold_cache = _latents(head, train_data, ho_idx, size, dev) if n_hold else None
+
+    def fit_chunks():
+        return _chunks(head, train_data, tr_idx, size, dev, cache)
+
+    def hold_chunks():
+        return _chunks(head, train_data, ho_idx, size, dev, hold_cache)
+
+    gate_pos = np.sort(np.random.default_rng([seed, 9]).permutation(len(tr_idx))[:gate_samples])
+
+    def gate_chunks():
+        for s in range(0, len(gate_pos), 256):
+            pos = gate_pos[s:s + 256]
+            if cache is not None:
+                sel = torch.from_numpy(pos).to(dev)
+                yield cache[0][sel], cache[1][sel]
+            else:
+                yield from _chunks(head, train_data, tr_idx[pos], size, dev, None)
+
+    if start == 0:
+        if decoder.linear:
+            t0 = time.perf_counter()
+            history.update(_fit_linear_part(decoder, fit_chunks(), hold_chunks(), dev))
+            history["linear_fit_seconds"] = round(time.perf_counter() - t0, 3)
+        history["val_mse_init"] = round(float(F.mse_loss(decode(decoder, z_val), x_val)), 7)
+        if n_hold:
+            h0 = _chunked_mse(decoder, hold_chunks())
+            history["holdout_mse_init"] = round(h0, 7)
+            best = (0, h0, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
     bar = None
     if progress and start < epochs:
         from tqdm.auto import tqdm
@@ -299,30 +392,69 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
                 train_mse = train_epoch(decoder, opt, batches(), on_step=step)
             except DecoderError as e:
                 raise DecoderError(f"{layer}, epoch {epoch + 1}: {e} with --overwrite") from e
+            if decoder.linear:
+                # the per-pixel blend of linear part and conv decoder, least squares on (up to
+                # gate_samples of) the training latents; the held-out slice stays for choosing
+                # the epoch, so that choice is not biased by the gate's own fit
+                fit_gate(decoder, gate_chunks())
+                history.setdefault("gate_mean_epochs", []).append(round(float(decoder.gate.mean()), 5))
             val_mse = float(F.mse_loss(decode(decoder, z_val), x_val))
             history["train_mse"].append(round(train_mse, 7))
             history["val_mse_epochs"].append(round(val_mse, 7))
+            if n_hold:
+                h = _chunked_mse(decoder, hold_chunks())
+                history["holdout_mse_epochs"].append(round(h, 7))
+                if best is None or h < best[1]:
+                    best = (epoch + 1, h, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
+                history["best_epoch"], history["best_holdout_mse"] = best[0], best[1]
             history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
             if bar is not None:
                 bar.set_postfix(epoch=epoch + 1, val_mse=f"{val_mse:.4f}")
             _save_state(state_path, {"decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
                                      "epoch": epoch + 1, "settings": json.dumps(settings),
-                                     "history": json.dumps(history)})
+                                     "history": json.dumps(history),
+                                     "best": None if best is None else best[2]})
     finally:
         if bar is not None:
             bar.close()
+
+    # ---- keep the best epoch on the held-out slice (epoch 0: the linear part alone)
+    if best is not None:
+        decoder.load_state_dict(best[2])
+        history["best_epoch"], history["best_holdout_mse"] = best[0], round(best[1], 7)
+    else:
+        history["best_epoch"] = epochs
 
     # ---- the card: val reconstruction, the linear bar, class kept
     t0 = time.perf_counter()
     decoder.eval()
     x_hat = decode(decoder, z_val)
-    val_mse = float(F.mse_loss(x_hat, x_val))
-    lin_idx = tr_idx[np.random.default_rng([seed, 7]).permutation(len(tr_idx))[:n_linear]]
-    z_lin, x_lin = _latents(head, train_data, np.sort(lin_idx), size, dev)
-    linear = fit_linear_decoder(z_lin, x_lin, ridge=ridge)
-    del z_lin, x_lin
-    lin_mse = float(torch.cat([F.mse_loss(linear(z_val[s:s + 256]), x_val[s:s + 256], reduction="none")
-                               .flatten(1).mean(1) for s in range(0, len(x_val), 256)]).mean())
+    # every val MSE of the card by the same float64 reduction, so that a decoder that kept epoch 0
+    # (its linear part) ties with the bar exactly instead of "beating" it by rounding
+    val_mse = _val_mse(None, None, x_val, x_hat)
+    basis = decoder.linear
+    part_mse = conv_mse = None
+    if basis:
+        with torch.no_grad():
+            conv_mse = _val_mse(decoder.conv, z_val, x_val)
+            part_mse = _val_mse(lambda z: decoder.linear_part(z).clamp(0, 1), z_val, x_val)
+    if basis and basis["basis"] == "full":
+        # the bar is the decoder's own starting point: least squares on all its training latents
+        lin_mse, n_lin = part_mse, len(tr_idx)
+        bar_kind = "the decoder's linear part: ridge least squares on the same train latents"
+    else:
+        # latent too big for the full normal equations: the bar is the full-dimension fit in dual
+        # form on n_linear latents, the decoder's linear part a restricted (reduced-basis) one
+        lin_idx = tr_idx[np.random.default_rng([seed, 7]).permutation(len(tr_idx))[:n_linear]]
+        z_lin, x_lin = _latents(head, train_data, np.sort(lin_idx), size, dev)
+        linear_dec = fit_linear_decoder(z_lin, x_lin, ridge=ridge)
+        del z_lin, x_lin
+        with torch.no_grad():
+            lin_mse = _val_mse(linear_dec, z_val, x_val)
+        n_lin = min(n_linear, len(tr_idx))
+        bar_kind = (f"full-dimension ridge least squares (relative ridge {ridge}) on {n_lin} train latents"
+                    + (f"; the decoder's linear part is restricted to a {basis['basis']} basis of "
+                       f"{basis['dim']} numbers" if basis else ""))
     labels = torch.from_numpy(val_data.labels[va_idx])
     clean_acc, clean_pred = _accuracy(model, x_val, labels)
     dec_acc, dec_pred = _accuracy(model, x_hat, labels)
@@ -339,16 +471,22 @@ def train_decoder(run: Run, layer: str, *, model, train_data, val_data, epochs: 
         "layer": layer, **settings,
         "latent_kind": decoder.arch["kind"],
         "params": int(sum(p.numel() for p in decoder.parameters())),
+        "linear_basis": basis["basis"] if basis else None,
+        "linear_dim": int(basis["dim"]) if basis else None,
         "optimizer": "adam", "loss": "mse",
         "n_val": int(len(va_idx)), "val_dataset": f"{val_data.name}/{val_data.split}",
         **history,
         "val_mse": round(val_mse, 7), "psnr": round(psnr(val_mse), 4),
+        "linear_part_val_mse": None if part_mse is None else round(part_mse, 7),
+        "conv_val_mse": None if conv_mse is None else round(conv_mse, 7),
+        "gate_mean": round(float(decoder.gate.mean()), 5) if basis else None,
         "linear_val_mse": round(lin_mse, 7), "linear_psnr": round(psnr(lin_mse), 4),
-        "n_linear": int(min(n_linear, len(tr_idx))), "ridge": ridge,
+        "linear_bar": bar_kind, "n_linear": int(n_lin), "ridge": ridge,
         "beats_linear": bool(val_mse < lin_mse),
         "clean_acc": round(clean_acc, 6), "decoded_acc": round(dec_acc, 6),
         "class_kept": round(dec_acc / clean_acc, 6) if clean_acc > 0 else None,
-        "seconds": round(sum(history["epoch_seconds"]) + time.perf_counter() - t0, 3),
+        "seconds": round(sum(history["epoch_seconds"]) + history.get("linear_fit_seconds", 0)
+                         + time.perf_counter() - t0, 3),
         "device": str(dev), "torch": torch.__version__, "complete": True,
         "file": run.decoder_path(layer).name,
     }
@@ -362,7 +500,8 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
                    dataset=None, data_root=None, epochs: int | None = None,
                    batch_size: int | None = None, lr: float = 1e-3, max_train: int | None = None,
                    max_val: int = 1000, n_linear: int = 4096, ridge: float = 1e-4, n_samples: int = 8,
-                   width: int = 64, min_width: int = 16, blocks: int = 2, cache_mb: float = 2048,
+                   width: int = 64, min_width: int = 16, blocks: int = 2, linear: bool = True,
+                   holdout: float = 0.1, gate_samples: int = 2048, cache_mb: float = 2048,
                    device="auto", seed: int = 0, resume: bool = False, overwrite: bool = False,
                    progress: bool = False) -> dict[str, dict]:
     """Train one latent-to-image decoder per layer into ``run/decoders/``.
@@ -371,6 +510,18 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
     Adam at ``lr``; batch 32 and 10 epochs for spatial latents (conv maps, ViT token grids),
     batch 128 and 5 epochs for flat ones (1×1 maps), unless given. Trained on the train split
     with a per-epoch checkpoint; then scored on up to ``max_val`` val images.
+
+    With ``linear`` (default) the decoder is a linear part plus a gated conv decoder: first the
+    closed-form ridge least-squares map from the (flattened, or for > 4096 numbers reduced)
+    latent to the image is fitted on the training latents (normal equations accumulated in
+    float64, the relative ridge picked from :data:`~somprobe.paths.decoders.RIDGE_GRID` on a
+    held-out ``holdout`` share of the training subset); the conv decoder is trained as in the
+    study; after each epoch the per-pixel gate blending the two is refitted in closed form on up
+    to ``gate_samples`` training latents (:func:`~somprobe.paths.decoders.fit_gate`). The epoch kept is the one with
+    the least held-out MSE, epoch 0 (the linear map alone) included, so the decoder does not
+    lose to its own linear part. The card's bar
+    (``linear_val_mse``) is that linear part when the latent was not reduced, else the
+    full-dimension ridge fit on ``n_linear`` latents (dual form).
 
     Parameters
     ----------
@@ -394,13 +545,21 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
     max_val : int
         Val images scored (MSE, PSNR, class kept, linear bar).
     n_linear : int
-        Train latents the least-squares linear decoder is fitted on (closed form).
+        Train latents the full-dimension least-squares bar is fitted on when the linear part had to
+        be restricted (latents of more than 4096 numbers) or ``linear=False``.
     ridge : float
-        Relative ridge of that fit.
+        Relative ridge of that bar.
     n_samples : int
         Val images and reconstructions saved for the figure.
     width, min_width, blocks : int
         Decoder size (see :func:`~somprobe.paths.decoders.decoder_arch`).
+    linear : bool
+        Linear part + gated conv decoder (default) or the conv stack alone (sigmoid output).
+    holdout : float
+        Share of the training subset held out to pick the ridge and the epoch kept (0: none;
+        then the smallest ridge and the last epoch).
+    gate_samples : int
+        Training latents the per-pixel gate is fitted on after each epoch.
     cache_mb : float
         Keep the training latents and images in memory when they take at most this many MiB
         (the frozen head then runs once instead of every epoch); else stream them per batch.
@@ -444,7 +603,8 @@ def train_decoders(run: Run | str | Path, layers: str | Sequence[str] | None = N
     return {layer: train_decoder(run, layer, model=model, train_data=train_data, val_data=val_data,
                                  epochs=epochs, batch_size=batch_size, lr=lr, max_train=max_train,
                                  max_val=max_val, n_linear=n_linear, ridge=ridge, n_samples=n_samples,
-                                 width=width, min_width=min_width, blocks=blocks,
-                                 cache_mb=cache_mb, device=device,
+                                 width=width, min_width=min_width, blocks=blocks, linear=linear,
+                                 holdout=holdout, gate_samples=gate_samples, cache_mb=cache_mb,
+                                 device=device,
                                  seed=seed, resume=resume, overwrite=overwrite, progress=progress)
             for layer in layers}

@@ -18,7 +18,20 @@ times a power of two), a 3×3 conv to 3 channels and a sigmoid. Widths halve at 
 from ``width`` down to ``min_width``.
 
 The bar a trained decoder must pass: its validation MSE beats a least-squares linear decoder fitted
-on the same latents (:func:`fit_linear_decoder`).
+on the same latents (:func:`fit_linear_decoder`). So that it cannot lose to that bar by
+construction, a decoder built with ``linear=True`` (the default) is **linear + gated conv**:
+``x̂ = clip(L(z) + g ⊙ (D(z) − L(z)), 0, 1)`` where ``L(z) = W·r(z) + b`` is the closed-form
+ridge least-squares map (:class:`RidgeStats`, :func:`fit_ridge`; fitted before training, kept as
+frozen buffers), ``D`` the conv decoder above (trained with its own MSE loss, as in the study)
+and ``g ∈ [0, 1]`` a per-pixel gate, zero at first (the decoder starts exactly at the linear
+solution) and refitted in closed form on held-out latents (:func:`fit_gate`), which can only
+lower the held-out error below the linear map's. (A conv stack trained as an additive residual
+on top of ``L`` without the sigmoid learned far worse in our tests; the gate keeps the study's
+decoder as it is.) ``r`` is the
+identity when the flattened latent has at most ``max_linear_dim`` (4096) numbers; larger latents
+are first reduced by a fixed linear map (:func:`linear_basis`: 2×2 average pooling of a conv map
+until it fits, else average pooling of the flat vector), so the linear part is then a restricted
+least-squares map (a D×D normal-equation solve for D = 16384 does not fit a CPU budget).
 """
 from __future__ import annotations
 
@@ -34,6 +47,8 @@ from ..errors import DecoderError
 __all__ = [
     "Decoder", "decoder_arch", "build_decoder", "decode", "latent_kind", "fit_linear_decoder",
     "LinearDecoder", "psnr", "decoder_defaults", "STUDY_DEFAULTS", "train_epoch",
+    "linear_basis", "reduce_latent", "RidgeStats", "fit_ridge", "fit_gate", "RIDGE_GRID",
+    "MAX_LINEAR_DIM",
 ]
 
 #: Study 001 Table 4: first hidden layer (spatial latents) vs last layer (vector latents).
@@ -42,6 +57,10 @@ STUDY_DEFAULTS = {
     "vector": {"batch_size": 128, "epochs": 5, "lr": 1e-3},
 }
 _START_SIDE = 4  # Table 2 reshapes the flat input to 128×4×4
+#: Largest flattened latent the linear part sees unreduced (a 4096² float64 Gram is 128 MiB).
+MAX_LINEAR_DIM = 4096
+#: Relative ridge values tried on the held-out slice (λ = value · mean eigenvalue of the Gram).
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def latent_kind(shape: Sequence[int], prefix_tokens: int = 0) -> str:
@@ -67,8 +86,41 @@ def decoder_defaults(kind: str) -> dict:
     return dict(STUDY_DEFAULTS["vector" if kind == "vector" else "spatial"])
 
 
+def linear_basis(latent_shape: Sequence[int], *, max_dim: int = MAX_LINEAR_DIM) -> dict:
+    """The fixed reduction the linear part applies to a latent before its least-squares map.
+
+    ``{"basis": "full", "dim": D}`` when the flattened latent has ``D <= max_dim`` numbers;
+    ``{"basis": "avgpool2d", "factor": f, "dim": ...}`` for a conv map ``[C, H, W]`` whose
+    ``f×f``-average-pooled version (f a power of two, H and W divisible by f) fits; else
+    ``{"basis": "avgpool1d", "dim": max_dim}`` (adaptive average pooling of the flat vector).
+    """
+    shape = [int(s) for s in latent_shape]
+    d = math.prod(shape)
+    if d <= max_dim:
+        return {"basis": "full", "dim": d}
+    if len(shape) == 3:
+        c, h, w = shape
+        f = 2
+        while h % f == 0 and w % f == 0:
+            if c * (h // f) * (w // f) <= max_dim:
+                return {"basis": "avgpool2d", "factor": f, "dim": c * (h // f) * (w // f)}
+            f *= 2
+    return {"basis": "avgpool1d", "dim": int(max_dim)}
+
+
+def reduce_latent(z: torch.Tensor, basis: dict) -> torch.Tensor:
+    """``z [B, *latent_shape]`` → ``[B, dim]``: the input of the linear part (see :func:`linear_basis`)."""
+    kind = basis["basis"]
+    if kind == "avgpool2d":
+        z = F.avg_pool2d(z, int(basis["factor"]))
+    elif kind == "avgpool1d":
+        return F.adaptive_avg_pool1d(z.flatten(1)[:, None], int(basis["dim"]))[:, 0]
+    return z.flatten(1)
+
+
 def decoder_arch(latent_shape: Sequence[int], image_size: int, *, prefix_tokens: int = 0,
-                 width: int = 64, min_width: int = 16, blocks: int = 2, channels: int = 3) -> dict:
+                 width: int = 64, min_width: int = 16, blocks: int = 2, channels: int = 3,
+                 linear: bool = True, max_linear_dim: int = MAX_LINEAR_DIM) -> dict:
     """The JSON-able description a :class:`Decoder` is built from.
 
     Parameters
@@ -85,11 +137,17 @@ def decoder_arch(latent_shape: Sequence[int], image_size: int, *, prefix_tokens:
         [ConvTranspose 3×3, LeakyReLU(0.3), BatchNorm] blocks per resolution (study: 3).
     channels : int
         Output channels (3).
+    linear : bool
+        Linear + gated conv decoder (a least-squares linear part blended per pixel with the conv
+        stack, output clipped to [0, 1]); ``False``: the conv stack alone with a sigmoid.
+    max_linear_dim : int
+        Latents with more numbers are reduced before the linear part (:func:`linear_basis`).
 
     Returns
     -------
     dict
-        ``kind, latent_shape, image_size, prefix_tokens, start_side, widths, blocks, channels``.
+        ``kind, latent_shape, image_size, prefix_tokens, start_side, widths, blocks, channels`` and
+        ``linear`` (the :func:`linear_basis` dict, or ``None``).
     """
     shape = [int(s) for s in latent_shape]
     if not shape or any(s < 1 for s in shape):
@@ -109,7 +167,8 @@ def decoder_arch(latent_shape: Sequence[int], image_size: int, *, prefix_tokens:
     widths = [max(int(min_width), int(width) >> i) for i in range(n_up + 1)]
     return {"kind": kind, "latent_shape": shape, "image_size": int(image_size),
             "prefix_tokens": int(prefix_tokens) if kind == "tokens" else 0, "start_side": int(side),
-            "widths": widths, "blocks": int(blocks), "channels": int(channels)}
+            "widths": widths, "blocks": int(blocks), "channels": int(channels),
+            "linear": linear_basis(shape, max_dim=max_linear_dim) if linear else None}
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -118,6 +177,12 @@ def _block(c_in: int, c_out: int) -> list[nn.Module]:
 
 class Decoder(nn.Module):
     """Latent ``[B, *latent_shape]`` → image ``[B, channels, S, S]`` in [0, 1].
+
+    The conv decoder ``D`` (:meth:`conv`) is the stack above ending in a sigmoid. With
+    ``arch["linear"]`` the output is ``clip(L + g ⊙ (D − L), 0, 1)`` with ``L = W·r(z) + b``:
+    ``W [dim, P]``, ``b [P]`` and the gate ``g [C, S, S]`` are buffers (``lin_weight``,
+    ``lin_bias``, ``gate``; zero until :meth:`set_linear` / :func:`fit_gate`). Without it
+    (decoder files of format version 1) the output is ``D``.
 
     Parameters
     ----------
@@ -148,6 +213,31 @@ class Decoder(nn.Module):
                 c_in = w
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(c_in, int(arch["channels"]), 3, padding=1)
+        self.linear = arch.get("linear")
+        if self.linear:
+            size = int(arch["image_size"])
+            n_pix = int(arch["channels"]) * size * size
+            self.register_buffer("lin_weight", torch.zeros(int(self.linear["dim"]), n_pix))
+            self.register_buffer("lin_bias", torch.zeros(n_pix))
+            # zero gate: a fresh decoder is exactly its linear part
+            self.register_buffer("gate", torch.zeros(int(arch["channels"]), size, size))
+
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> "Decoder":
+        """Install the least-squares map ``x = r(z) @ weight + bias`` (``weight [dim, P]``)."""
+        if not self.linear:
+            raise DecoderError("this decoder has no linear part (built with linear=False)")
+        if tuple(weight.shape) != tuple(self.lin_weight.shape) or tuple(bias.shape) != tuple(self.lin_bias.shape):
+            raise DecoderError(f"linear map of shape {list(weight.shape)} + {list(bias.shape)} does not fit "
+                               f"{list(self.lin_weight.shape)} + {list(self.lin_bias.shape)}")
+        self.lin_weight.copy_(weight.detach().to(self.lin_weight))
+        self.lin_bias.copy_(bias.detach().to(self.lin_bias))
+        return self
+
+    def linear_part(self, z: torch.Tensor) -> torch.Tensor:
+        """``W·r(z) + b`` as images (unclipped), the decoder's starting point."""
+        size = int(self.arch["image_size"])
+        flat = reduce_latent(z, self.linear).to(self.lin_weight.dtype) @ self.lin_weight + self.lin_bias
+        return flat.view(z.shape[0], int(self.arch["channels"]), size, size)
 
     def _front(self, z: torch.Tensor) -> torch.Tensor:
         arch = self.arch
@@ -170,12 +260,20 @@ class Decoder(nn.Module):
         s = arch["start_side"]
         return F.leaky_relu(self.front(z.flatten(1)), 0.3).view(z.shape[0], -1, s, s)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def conv(self, z: torch.Tensor) -> torch.Tensor:
+        """The conv decoder ``D(z)`` alone (sigmoid output in [0, 1]): what training fits."""
         h = self.body(self._front(z))
         size = int(self.arch["image_size"])
         if h.shape[-1] != size or h.shape[-2] != size:
             h = F.interpolate(h, size=(size, size), mode="bilinear", align_corners=False)
         return torch.sigmoid(self.out(h))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        d = self.conv(z)
+        if not self.linear:
+            return d
+        lin = self.linear_part(z)
+        return (lin + self.gate * (d - lin)).clamp(0, 1)
 
     def extra_repr(self) -> str:
         a = self.arch
@@ -186,7 +284,8 @@ def build_decoder(latent_shape: Sequence[int], image_size: int, *, seed: int = 0
     """A freshly initialised :class:`Decoder` (seeded; torch's global RNG state is left alone).
 
     ``arch_options`` go to :func:`decoder_arch` (``prefix_tokens``, ``width``, ``min_width``,
-    ``blocks``).
+    ``blocks``, ``linear``, ``max_linear_dim``). A linear decoder's linear part is zero until
+    :meth:`Decoder.set_linear`.
     """
     arch = decoder_arch(latent_shape, image_size, **arch_options)
     with torch.random.fork_rng(devices=[]):
@@ -195,7 +294,9 @@ def build_decoder(latent_shape: Sequence[int], image_size: int, *, seed: int = 0
 
 
 def train_epoch(decoder: Decoder, optimizer: torch.optim.Optimizer, batches, *, on_step=None) -> float:
-    """One pass of MSE training over ``batches``; returns the sample-weighted mean training MSE.
+    """One pass of MSE training of the conv decoder ``decoder.conv`` over ``batches``; returns the
+    sample-weighted mean training MSE (of the conv decoder; the linear part and the gate are
+    buffers, fitted in closed form).
 
     Parameters
     ----------
@@ -215,7 +316,7 @@ def train_epoch(decoder: Decoder, optimizer: torch.optim.Optimizer, batches, *, 
     decoder.train()
     total, n = 0.0, 0
     for z, x in batches:
-        loss = F.mse_loss(decoder(z), x)
+        loss = F.mse_loss(decoder.conv(z), x)
         if not torch.isfinite(loss):
             raise DecoderError(f"decoder training diverged (loss {loss.item()}); lower the learning "
                                "rate (--lr) and train again")
@@ -300,6 +401,124 @@ def fit_linear_decoder(z: torch.Tensor, x: torch.Tensor, *, ridge: float = 1e-4)
         w = zc.T @ torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device), xc)
     b = xm - zm @ w
     return LinearDecoder(w, b, x.shape[1:])
+
+
+class RidgeStats:
+    """Running float64 sums for a least-squares fit from ``r [N, D]`` to ``x [N, P]``, chunk by chunk.
+
+    Holds ``n``, ``Σr``, ``Σx``, ``Σ‖x‖²``, ``RᵀR [D, D]`` and ``RᵀX [D, P]``: the normal
+    equations of any number of samples in ``O(D² + DP)`` memory.
+    """
+
+    def __init__(self, dim: int, n_out: int, *, device="cpu"):
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.sum_r = torch.zeros(dim, **kw)
+        self.sum_x = torch.zeros(n_out, **kw)
+        self.sum_xx = torch.zeros((), **kw)
+        self.rr = torch.zeros(dim, dim, **kw)
+        self.rx = torch.zeros(dim, n_out, **kw)
+
+    @torch.no_grad()
+    def update(self, r: torch.Tensor, x: torch.Tensor) -> "RidgeStats":
+        """Add a chunk: ``r [B, D]`` (reduced latents), ``x [B, ...]`` (images, flattened)."""
+        r = r.flatten(1).to(self.rr.device, torch.float64)
+        x = x.flatten(1).to(self.rr.device, torch.float64)
+        if r.shape[0] != x.shape[0] or r.shape[1] != self.rr.shape[0] or x.shape[1] != self.rx.shape[1]:
+            raise DecoderError(f"chunk of {list(r.shape)} latents and {list(x.shape)} images does not fit "
+                               f"statistics of {self.rr.shape[0]} → {self.rx.shape[1]}")
+        if not (torch.isfinite(r).all() and torch.isfinite(x).all()):
+            raise DecoderError("non-finite latents or images in the least-squares fit; check the model "
+                               "and the data (a NaN latent cannot be decoded)")
+        self.n += r.shape[0]
+        self.sum_r += r.sum(0)
+        self.sum_x += x.sum(0)
+        self.sum_xx += (x * x).sum()
+        self.rr.addmm_(r.T, r)
+        self.rx.addmm_(r.T, x)
+        return self
+
+    def centred(self, mu_r: torch.Tensor, mu_x: torch.Tensor):
+        """``Σ(r−μr)(r−μr)ᵀ``, ``Σ(r−μr)(x−μx)ᵀ``, ``Σ‖x−μx‖²`` about given means."""
+        n = self.n
+        rr = self.rr - torch.outer(self.sum_r, mu_r) - torch.outer(mu_r, self.sum_r) + n * torch.outer(mu_r, mu_r)
+        rx = self.rx - torch.outer(self.sum_r, mu_x) - torch.outer(mu_r, self.sum_x) + n * torch.outer(mu_r, mu_x)
+        xx = self.sum_xx - 2 * (mu_x @ self.sum_x) + n * (mu_x @ mu_x)
+        return rr, rx, xx
+
+
+def fit_ridge(fit: RidgeStats, holdout: RidgeStats | None = None, *,
+              grid: Sequence[float] = RIDGE_GRID) -> dict:
+    """Closed-form ridge least squares ``x ≈ r W + b`` from accumulated statistics (float64).
+
+    ``W = (Rcᵀ Rc + λ I)⁻¹ Rcᵀ Xc`` on data centred by the fit means, ``b = μx − μr W``,
+    ``λ = ridge · mean eigenvalue of RcᵀRc``. With ``holdout`` statistics the relative ``ridge``
+    is the value of ``grid`` with the least held-out squared error (all values scored in closed
+    form from one eigendecomposition); without, the first value of ``grid``.
+
+    Returns
+    -------
+    dict
+        ``weight [D, P]``, ``bias [P]`` (float64), ``ridge`` (relative), ``lam`` (absolute),
+        ``holdout_mse`` (per grid value, per number; ``None`` without a holdout).
+    """
+    if fit.n < 2:
+        raise DecoderError(f"a least-squares fit needs at least 2 samples, got {fit.n}")
+    mu_r, mu_x = fit.sum_r / fit.n, fit.sum_x / fit.n
+    c, b_, _ = fit.centred(mu_r, mu_x)
+    s, v = torch.linalg.eigh(c)
+    s = s.clamp_min(0)
+    scale = float(s.mean().clamp_min(1e-12))
+    a = v.T @ b_                                             # [D, P]
+    grid = [float(g) for g in grid]
+    scores = None
+    best = grid[0]
+    if holdout is not None and holdout.n > 0 and len(grid) > 1:
+        # SSE(W) = Σ‖x'‖² − 2 tr(Wᵀ H_rx) + tr(Wᵀ H_rr W) with W = V diag(d) A, d = 1/(s+λ):
+        # both traces are d-weighted sums of quantities computed once.
+        h_rr, h_rx, h_xx = holdout.centred(mu_r, mu_x)
+        cross = (a * (v.T @ h_rx)).sum(1)                    # [D]
+        quad = (v.T @ h_rr @ v) * (a @ a.T)                  # [D, D]
+        n_out = b_.shape[1]
+        scores = []
+        for g in grid:
+            d = 1.0 / (s + g * scale)
+            sse = h_xx - 2 * (d @ cross) + d @ quad @ d
+            scores.append(float(sse) / (holdout.n * n_out))
+        best = grid[min(range(len(grid)), key=lambda i: scores[i])]
+    lam = best * scale
+    weight = v @ (a / (s + lam)[:, None])
+    bias = mu_x - mu_r @ weight
+    return {"weight": weight, "bias": bias, "ridge": best, "lam": lam, "holdout_mse": scores}
+
+
+@torch.no_grad()
+def fit_gate(decoder: Decoder, chunks, *, set_gate: bool = True) -> torch.Tensor:
+    """Per-pixel gate ``g = clip(Σ(x−L)(D−L) / Σ(D−L)², 0, 1)`` over ``(z, x)`` chunks.
+
+    For each pixel this is the least-squares blend of the linear part ``L`` and the conv decoder
+    ``D`` on those samples, constrained to [0, 1]; since ``g = 0`` (the linear part alone) is
+    allowed, the blend's squared error on them (before the final clip) is never above the
+    linear part's. Sets ``decoder.gate`` unless ``set_gate=False``; returns the gate.
+    """
+    if not decoder.linear:
+        raise DecoderError("this decoder has no linear part to gate (built with linear=False)")
+    was_training = decoder.training
+    decoder.eval()
+    num = torch.zeros_like(decoder.gate, dtype=torch.float64)
+    den = torch.zeros_like(num)
+    try:
+        for z, x in chunks:
+            lin = decoder.linear_part(z)
+            diff = (decoder.conv(z) - lin).double()
+            num += (diff * (x.to(diff) - lin.double())).sum(0)
+            den += (diff * diff).sum(0)
+    finally:
+        decoder.train(was_training)
+    gate = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num)).clamp(0, 1)
+    if set_gate:
+        decoder.gate.copy_(gate.to(decoder.gate))
+    return gate.to(decoder.gate.dtype)
 
 
 def psnr(mse: float, peak: float = 1.0) -> float:
