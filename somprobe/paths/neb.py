@@ -210,10 +210,16 @@ def find_neb(space: Space, a: Tensor, b: Tensor, target: Tensor, *, pivots: int 
             break
         xa = x[idx]
         Pa = len(idx)
-        E, g = energy_and_grad(space, xa.reshape(Pa * N, *shape),
-                               target.to(dev)[idx].repeat_interleave(N), chunk=chunk)
-        E, g = E.to(dev).reshape(Pa, N), g.to(dev).reshape(Pa, N, D).float()
-        bad = ~(torch.isfinite(E).all(1) & torch.isfinite(g).flatten(1).all(1))
+        pts, tgt = xa.reshape(Pa * N, *shape), target.to(dev)[idx].repeat_interleave(N)
+        if step == steps:
+            # the budget is spent: the last look only needs the losses (converged or not), so
+            # skip the backward pass its gradient would cost
+            E = evaluate(space, pts, tgt, chunk=chunk)["loss"].to(dev).reshape(Pa, N)
+            bad = ~torch.isfinite(E).all(1)
+        else:
+            E, g = energy_and_grad(space, pts, tgt, chunk=chunk)
+            E, g = E.to(dev).reshape(Pa, N), g.to(dev).reshape(Pa, N, D).float()
+            bad = ~(torch.isfinite(E).all(1) & torch.isfinite(g).flatten(1).all(1))
         done = ~bad & (E < tol).all(1)
         ids = idx.cpu().numpy()
         pivot_max[ids] = torch.nan_to_num(E, nan=float("inf")).amax(1).cpu().numpy()
