@@ -861,6 +861,9 @@ _BYPASS_OPTIONS = [
     click.option("--region-depth", type=int, help="regions: recursion depth allowed (default 10)."),
     click.option("--recurse", type=click.Choice(["both", "invalid"]),
                  help="regions: recurse on both halves (Algorithm 1, default) or only the invalid ones."),
+    click.option("--projection", type=click.Choice(["leading", "deepfool"]),
+                 help="regions: project a midpoint against the leading class only (default, one "
+                      "backward pass per step) or by targeted DeepFool over every class."),
 ]
 
 

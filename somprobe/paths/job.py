@@ -117,7 +117,7 @@ register_method("barrier", MethodSpec(
                 "every barrier gap < delta"))
 register_method("regions", MethodSpec(
     _regions, options={"spacing": 1e-4, "margin": 0.1, "overshoot": 0.02, "proj_steps": 50,
-                       "region_depth": 10, "recurse": "both"},
+                       "region_depth": 10, "recurse": "both", "projection": "leading"},
     extras=REGION_EXTRAS, check=True, validate=_check_regions,
     description="region path (study 002, Algorithm 1): midpoints projected into the class by "
                 "targeted DeepFool, checked at spacing*|a-b|"))

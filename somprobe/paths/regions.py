@@ -7,10 +7,13 @@ otherwise recurse on both halves and concatenate.
 
 Two departures, both needed to make the algorithm terminate, both documented options:
 
-- the projection is DeepFool's targeted step (:func:`somprobe.attacks.deepfool.deepfool`, one
-  place for the linearised step) run until the target leads every other class by a logit
-  ``margin`` (with DeepFool's ``overshoot``). Projected exactly onto the boundary, the new anchor
-  would sit on it and the next check would fail forever;
+- the projection is a targeted DeepFool-style step run until the target leads every other class
+  by a logit ``margin`` (with DeepFool's ``overshoot``). Projected exactly onto the boundary, the
+  new anchor would sit on it and the next check would fail forever. By default
+  (``projection="leading"``, :func:`somprobe.paths.projection.project_leading`) each step
+  linearises only the target against the class that currently leads it — one backward pass per
+  step instead of targeted DeepFool's C − 1 (``projection="deepfool"``,
+  :func:`somprobe.attacks.deepfool.deepfool`), which made the projection dominate on 10 classes;
 - the recursion has a depth limit; a pair that hits it, or whose projection cannot reach the
   target within ``proj_steps`` steps, is reported (``failed``, ``reason``) and the others go on.
 
@@ -33,13 +36,17 @@ from .core import CHUNK, PathBatch, _logits, empty_stats, path_lengths
 from .optimise import _count, _number
 from .spaces import Space
 
-__all__ = ["find_region_path", "project_to_class", "check_region_params", "REGION_EXTRAS", "RECURSE"]
+__all__ = ["find_region_path", "project_to_class", "check_region_params", "REGION_EXTRAS", "RECURSE",
+           "PROJECTIONS"]
 
 #: Extra per-pair columns of :func:`find_region_path` (``paths.csv``).
 REGION_EXTRAS = ("anchors", "depth", "success", "projections", "points_checked")
 #: Which halves of an invalid path are recursed on: ``both`` (Algorithm 1 as printed) or
 #: ``invalid`` (only the halves that failed the check: fewer anchors, same path otherwise).
 RECURSE = ("both", "invalid")
+#: Projections of a midpoint into the target region: ``leading`` (one backward pass per step,
+#: target vs the leading class) or ``deepfool`` (targeted DeepFool over every class).
+PROJECTIONS = ("leading", "deepfool")
 
 def _module(space: Space):
     fn = space.logits
@@ -57,11 +64,15 @@ def project_to_class(
     margin: float = 0.1,
     overshoot: float = 0.02,
     max_steps: int = 50,
+    method: str = "leading",
 ):
     """Smallest (linearised) move of each point into class ``target`` with a logit margin.
 
-    A thin wrapper of :func:`somprobe.attacks.deepfool.deepfool` (``target=``, ``margin=``) that
-    takes a :class:`Space` (latent spaces have no box) and points of any shape.
+    ``method="leading"``: :func:`somprobe.paths.projection.project_leading` (each step
+    linearises the target against the currently leading class only: one backward pass);
+    ``"deepfool"``: :func:`somprobe.attacks.deepfool.deepfool` (``target=``, ``margin=``; every
+    class, C − 1 backward passes per step). Both take the :class:`Space`'s box (latent spaces
+    have none) and points of any shape.
 
     Parameters
     ----------
@@ -74,12 +85,21 @@ def project_to_class(
         DeepFool's overshoot (each step is ``1 + overshoot`` times the linearised step).
     max_steps : int
         Steps per point; points that do not arrive are returned with ``converged=False``.
+    method : {"leading", "deepfool"}
+        See above (:data:`PROJECTIONS`).
 
     Returns
     -------
     DeepFoolResult
         ``images`` are the projected points, ``converged`` [B], ``iterations`` [B].
     """
+    if method == "leading":
+        from .projection import project_leading
+
+        return project_leading(space.logits, x.detach(), target, margin=margin, overshoot=overshoot,
+                               max_steps=max_steps, clip=space.clip)
+    if method != "deepfool":
+        raise PathError(f"projection={method!r}: use one of {', '.join(PROJECTIONS)}")
     from ..attacks.deepfool import deepfool
 
     return deepfool(_module(space), x.detach(), target=target, margin=margin, overshoot=overshoot,
@@ -87,7 +107,7 @@ def project_to_class(
 
 
 def check_region_params(*, spacing=1e-4, margin=0.1, overshoot=0.02, proj_steps=50, max_depth=10,
-                        recurse="both", chunk=CHUNK) -> tuple[float, float, float]:
+                        recurse="both", chunk=CHUNK, projection="leading") -> tuple[float, float, float]:
     """Validate :func:`find_region_path`'s options (:class:`PathError` names the bad one);
     return ``(spacing, margin, overshoot)`` as floats."""
     spacing = _number("spacing", spacing, open_low=True, hint="the study samples at 1e-4 of ||x1 - x2||")
@@ -100,6 +120,8 @@ def check_region_params(*, spacing=1e-4, margin=0.1, overshoot=0.02, proj_steps=
     _count("chunk", chunk, low=1)
     if recurse not in RECURSE:
         raise PathError(f"recurse={recurse!r}: use one of {', '.join(RECURSE)}")
+    if projection not in PROJECTIONS:
+        raise PathError(f"projection={projection!r}: use one of {', '.join(PROJECTIONS)}")
     return spacing, margin, overshoot
 
 
@@ -116,6 +138,7 @@ def find_region_path(
     max_depth: int = 10,
     recurse: str = "both",
     chunk: int = CHUNK,
+    projection: str = "leading",
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> PathBatch:
@@ -137,6 +160,8 @@ def find_region_path(
         See :data:`RECURSE`.
     chunk : int
         Points per forward pass when checking.
+    projection : {"leading", "deepfool"}
+        How a midpoint is projected (:func:`project_to_class`'s ``method``).
     generator : torch.Generator, optional
         Unused (deterministic); kept for the common method signature.
     progress : bool
@@ -158,9 +183,10 @@ def find_region_path(
     """
     spacing, margin, overshoot = check_region_params(
         spacing=spacing, margin=margin, overshoot=overshoot, proj_steps=proj_steps,
-        max_depth=max_depth, recurse=recurse, chunk=chunk)
+        max_depth=max_depth, recurse=recurse, chunk=chunk, projection=projection)
     target = _check_pair_inputs(a, b, target)
-    _module(space)
+    if projection == "deepfool":
+        _module(space)
     P, shape = a.shape[0], tuple(a.shape[1:])
 
     def logits(x: Tensor) -> Tensor:
@@ -223,7 +249,8 @@ def find_region_path(
         if len(need):
             res = project_to_class(space, mid[need].reshape(-1, *shape),
                                    torch.as_tensor(tgt_np[pair[need]], device=dev),
-                                   margin=margin, overshoot=overshoot, max_steps=proj_steps)
+                                   margin=margin, overshoot=overshoot, max_steps=proj_steps,
+                                   method=projection)
             it = res.iterations.cpu().numpy()
             np.add.at(stats["iterations"], pair[need], it)
             np.add.at(stats["projections"], pair[need], 1)
