@@ -15,7 +15,7 @@ import torch
 from ..errors import GeometryError
 from .hessian import DEFAULT_H, _normal, _rows, gradient, projected_hvp
 
-__all__ = ["DEFAULT_TOL", "PrincipalCurvatures", "default_iters", "lanczos_extremes", "principal_curvatures"]
+__all__ = ["PrincipalCurvatures", "default_iters", "lanczos_extremes", "principal_curvatures"]
 
 
 def default_iters(k: int, d: int) -> int:
@@ -198,14 +198,12 @@ class PrincipalCurvatures:
     steps: torch.Tensor | None = None
 
 
-#: Default relative residual at which a sample's Lanczos run stops (see :func:`lanczos_extremes`).
-DEFAULT_TOL = 1e-5
 
 
 def principal_curvatures(F, z: torch.Tensor, *, k: int = 10, iters: int | None = None,
                          method: str = "fd", h: float = DEFAULT_H, rows=None, chunk=None,
                          vectors: bool = False, seed: int = 0,
-                         tol: float | None = DEFAULT_TOL) -> PrincipalCurvatures:
+                         tol: float | None = None) -> PrincipalCurvatures:
     """The ``k`` largest and smallest principal curvatures (eigenvalues of study 002's
     ``P H P / ||∇F||``) at every point, by batched Lanczos on the tangent space.
 
@@ -229,8 +227,12 @@ def principal_curvatures(F, z: torch.Tensor, *, k: int = 10, iters: int | None =
         its own tangent space), so a sample gets the same curvatures alone as in a batch.
     tol : float or None
         A sample stops once the residuals of its ``2k`` extreme Ritz pairs are below
-        ``tol · max|θ|`` and leaves the batch (:func:`lanczos_extremes`); ``None`` runs
-        ``iters`` steps for every sample.
+        ``tol · max|θ|`` and leaves the batch (:func:`lanczos_extremes`). Default ``None``:
+        every sample runs ``iters`` steps. Use it with ``method="exact"`` on smooth nets: the
+        finite-difference operator of a ReLU net is not linear, and eigenvalues keep appearing
+        after the present Ritz pairs have converged (on a resnet18, tol 1e-5 stopped 2 of 16
+        samples at 34–36 of 40 steps with a 10th eigenvalue 17–23 % off; no residual test
+        can see an eigenvalue that is not in the Krylov space yet).
 
     Returns
     -------
