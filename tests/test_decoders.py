@@ -76,7 +76,7 @@ def test_training_beats_linear_decoder_where_linear_cannot_be_exact():
     start = _mse(decode(d, zv), xv)
     # a fresh linear + residual decoder is its least-squares linear part (the bar) exactly
     assert start == pytest.approx(lin_mse, rel=1e-4)
-    opt = torch.optim.Adam(d.parameters(), 1e-2)
+    opt = torch.optim.Adam(d.parameters(), 1e-3)  # the study's learning rate
     losses = []
     for epoch in range(8):
         perm = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
@@ -108,7 +108,7 @@ def test_linear_part_at_step_zero_is_lstsq_on_exactly_linear_latents():
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
     z = (x.flatten(1).double() @ q).float().view(300, 12, 2, 2) * 3 + 1
     d = build_decoder([12, 2, 2], 4, width=8, min_width=8, blocks=1, seed=0)
-    assert d.linear == {"basis": "full", "dim": 48}
+    assert d.linear == {"basis": "full", "dim": 48, "logit_residual": True}
     out = _fit_part(d, z[:250], x[:250], z[250:], x[250:])
     assert out["ridge"] == RIDGE_GRID[0]  # an exact linear relation: the least ridge wins held out
     zc = np.concatenate([z[:250].flatten(1).double().numpy(), np.ones((250, 1))], 1)
@@ -116,10 +116,16 @@ def test_linear_part_at_step_zero_is_lstsq_on_exactly_linear_latents():
     ref = np.concatenate([z.flatten(1).double().numpy(), np.ones((300, 1))], 1) @ coef
     torch.testing.assert_close(decode(d, z).flatten(1), torch.from_numpy(ref).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(decode(d, z), x, atol=1e-5, rtol=0)
-    # an untrained conv decoder is worse than the exact linear map: the fitted gate stays ~0
-    gate = fit_gate(d, [(z[250:], x[250:])])
-    assert float(gate.max()) < 1e-3
+    # the untrained conv decoder starts at the same linear reconstruction (in logit space);
+    # whatever gate is fitted, the blend stays the exact solution
+    torch.testing.assert_close(d.conv(z).detach(), x, atol=1e-4, rtol=0)
+    fit_gate(d, [(z[250:], x[250:])])
     torch.testing.assert_close(decode(d, z), x, atol=1e-4, rtol=0)
+    # without the logit residual an untrained conv decoder is far worse: the gate stays ~0
+    d0 = build_decoder([12, 2, 2], 4, width=8, min_width=8, blocks=1, seed=0, logit_residual=False)
+    d0.set_linear(d.lin_weight, d.lin_bias)
+    assert float(fit_gate(d0, [(z[250:], x[250:])]).max()) < 1e-3
+    torch.testing.assert_close(decode(d0, z), x, atol=1e-4, rtol=0)
 
 
 def test_ridge_holdout_scores_and_reduced_basis():
@@ -144,7 +150,7 @@ def test_ridge_holdout_scores_and_reduced_basis():
     assert linear_basis([197, 768]) == {"basis": "avgpool1d", "dim": 4096}
     assert linear_basis([512, 1, 1]) == {"basis": "full", "dim": 512}
     d = build_decoder([4, 4, 4], 8, width=8, min_width=8, blocks=1, max_linear_dim=16)
-    assert d.linear == {"basis": "avgpool2d", "factor": 2, "dim": 16}
+    assert d.linear == {"basis": "avgpool2d", "factor": 2, "dim": 16, "logit_residual": True}
     zz, xx = torch.randn(80, 4, 4, 4, generator=g), torch.rand(80, 3, 8, 8, generator=g) * 0.2 + 0.4
     _fit_part(d, zz, xx, grid=(1e-9,))
     pooled = torch.nn.functional.avg_pool2d(zz, 2).flatten(1)
