@@ -138,6 +138,26 @@ def test_batched_neb_equals_single_on_a_resnet_latent():
         assert np.isclose(one.stats["max_loss"][0], res.stats["max_loss"][i], atol=1e-4)
 
 
+def test_one_pivot_per_pass_equals_batched_on_a_resnet_latent():
+    # benchmarks/neb_speed.py's AutoNEB-like reference: find_neb per pair with chunk=1 (one
+    # forward/backward per pivot, one forward per dense-check point) gives the batched result
+    model = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
+    space = make_space(model, "CL3")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = space.encode(x)
+    t = torch.tensor([1, 0])
+    res = find_neb(space, z[:2], z[2:], t, steps=4, points=4, pivots=4, tol=1e-6)
+    assert (res.stats["iterations"] == 4).all()  # the budget is spent: the last look is forward only
+    for i in range(2):
+        one = find_neb(space, z[i:i + 1], z[2 + i:3 + i], t[i:i + 1], steps=4, points=4, pivots=4,
+                       tol=1e-6, chunk=1)
+        assert torch.allclose(one.anchors[0], res.anchors[i], atol=1e-4)
+        for k in ("iterations", "path_ok", "converged"):
+            assert one.stats[k][0] == res.stats[k][i]
+        assert np.isclose(one.stats["pivot_max_loss"][0], res.stats["pivot_max_loss"][i], rtol=1e-4)
+
+
 def test_pixel_space_band_stays_in_the_box():
     model = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
     space = make_space(model, "input")
