@@ -145,6 +145,10 @@ def test_ridge_holdout_scores_and_reduced_basis():
         brute.append(float((((r[100:].double() - mr) @ w + mx - x[100:].double()) ** 2).mean()))
     assert out["holdout_mse"] == pytest.approx(brute, rel=1e-9)
     assert out["ridge"] == grid[int(np.argmin(brute))]
+    with pytest.raises(DecoderError, match="--max-train"):
+        fit_ridge(RidgeStats(10, 6).update(r[:1], x[:1]))
+    with pytest.raises(DecoderError, match="non-finite"):
+        RidgeStats(10, 6).update(torch.full((2, 10), float("nan")), x[:2])
     # latents above max_linear_dim are reduced by a fixed linear map before the fit
     assert linear_basis([64, 16, 16]) == {"basis": "avgpool2d", "factor": 2, "dim": 4096}
     assert linear_basis([197, 768]) == {"basis": "avgpool1d", "dim": 4096}

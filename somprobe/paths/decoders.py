@@ -482,7 +482,8 @@ def fit_ridge(fit: RidgeStats, holdout: RidgeStats | None = None, *,
         ``holdout_mse`` (per grid value, per number; ``None`` without a holdout).
     """
     if fit.n < 2:
-        raise DecoderError(f"a least-squares fit needs at least 2 samples, got {fit.n}")
+        raise DecoderError(f"a least-squares fit needs at least 2 samples, got {fit.n}: train the "
+                           "decoder on more images (--max-train)")
     mu_r, mu_x = fit.sum_r / fit.n, fit.sum_x / fit.n
     c, b_, _ = fit.centred(mu_r, mu_x)
     s, v = torch.linalg.eigh(c)
