@@ -620,8 +620,11 @@ def decoder(out, layers, model, checkpoint, data, data_root, image_size, epochs,
                            progress=not quiet)
     for layer, c in cards.items():
         shape = "x".join(str(s) for s in c["latent_shape"])
+        verdict = "" if c["beats_linear"] else (", tied: no epoch beat the linear map held out, "
+                                                  "so it was kept" if c.get("best_epoch") == 0
+                                                  else ", NOT beaten")
         click.echo(f"{layer}: latent {shape}, val MSE {c['val_mse']:.4g} (linear decoder "
-                   f"{c['linear_val_mse']:.4g}{'' if c['beats_linear'] else ', NOT beaten'}), "
+                   f"{c['linear_val_mse']:.4g}{verdict}), "
                    f"PSNR {c['psnr']:.2f} dB, class kept {_fmt(c['class_kept'])}")
     click.echo(f"decoders and cards in {run.decoders_dir}")
 
