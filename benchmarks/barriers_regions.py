@@ -116,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--reuse-attack", action="store_true",
                     help="Keep RUN/attacks/adv-pgd when it was made with the same pool, eps, steps and seed.")
     ap.add_argument("--projection", default="leading", help="Region paths' projection: leading or deepfool.")
+    ap.add_argument("--settings", default="", help="Pair settings to run (nat, adv, noiseadv); default all.")
+    ap.add_argument("--tag", default="", help="Suffix of the stage names and summary keys (no '-'), "
+                                              "e.g. sp1em4 for a second spacing.")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -176,7 +179,12 @@ def main(argv=None):
                     ("adv", "adversarial:adv-pgd", ["linear"] + [m for m in ("barrier", "regions") if m in only])]
         if "regions" in only:
             settings.append(("noiseadv", "noise-adversarial", ["linear", "regions"]))
+        if args.settings:
+            keep = set(args.settings.split(","))
+            settings = [st for st in settings if st[0] in keep]
         for name, source, methods in settings:
+            if args.tag:
+                name = f"{name}_{args.tag}"
             t = time.perf_counter()
             say(f"connect {name}: {source}, {', '.join(methods)}, {args.pairs} pairs")
             # One connect run per stage, so that a later --only regions keeps the barrier tables.
