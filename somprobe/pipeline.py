@@ -66,7 +66,7 @@ def _barrier_stage(run: Run, *, net, dataset, indices, seed: int, device, progre
 #: NEB paths in pixel space and one latent, whose decoder is trained briefly for the figures.
 DEMO_CONNECT = dict(name="default", spaces=("input", "CL3"), pairs=3, methods=("linear", "neb"),
                     options={"steps": 20, "points": 20}, decoder_layer="CL3",
-                    decoder=dict(epochs=2, max_train=1000, max_val=100, n_linear=500))
+                    decoder=dict(epochs=3, max_train=1000, max_val=100, n_linear=500))
 
 
 def _connect_stage(run: Run, *, net, data: str, dataset, indices, seed: int, device, data_root,
