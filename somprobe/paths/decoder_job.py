@@ -5,13 +5,16 @@ For each layer a :class:`~somprobe.paths.decoders.Decoder` learns to map the lay
 image, on the train split of the dataset the run's model was trained on. Files, all under
 ``run.decoders_dir`` and all written atomically:
 
-* ``<layer>.pt`` — the weights: plain tensors and the architecture as a JSON string, read back
+* ``<layer>.pt`` — the weights (with the linear part's ``[dim, pixels]`` matrix: 50 MB at CL1 of a
+  32-px resnet18): plain tensors and the architecture as a JSON string, read back
   with ``torch.load(weights_only=True)`` (a corrupt or foreign file is a clear
   :class:`~somprobe.errors.DecoderError`; nothing is unpickled).
 * ``<layer>.state.pt`` — per-epoch training checkpoint for ``--resume`` (removed when done).
-* ``<layer>.json`` — the card: architecture, latent shape, training settings, train/val MSE per
-  epoch, val PSNR, the val MSE of a least-squares linear decoder on the same latents (the bar),
-  and "class kept" (the model's accuracy on decoded val images over its clean accuracy).
+* ``<layer>.json`` — the card: architecture, latent shape, training settings, train/val/held-out
+  MSE per epoch, the epoch kept, val PSNR, the val MSE of a least-squares linear decoder on the
+  same latents (the bar; with the default linear part it is the decoder's own starting point),
+  the conv decoder's val MSE alone, the gate, the ridge picked, and "class kept" (the model's
+  accuracy on decoded val images over its clean accuracy).
 * ``<layer>-samples.npz`` — a few val images and their reconstructions (the figure).
 * ``cards.csv`` — one row per card (the report's table).
 """
