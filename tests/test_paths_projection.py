@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _toy_regions import HalfSpace, space
 from scipy.optimize import minimize
 from torch import nn
 
@@ -12,8 +13,6 @@ from somprobe.attacks.deepfool import deepfool
 from somprobe.paths.core import check_paths
 from somprobe.paths.projection import project_leading
 from somprobe.paths.regions import find_region_path, project_to_class
-
-from _toy_regions import HalfSpace, space
 
 
 class _CountBackward(torch.autograd.Function):

@@ -64,7 +64,7 @@ def test_untrained_resnet_becomes_a_non_constant_function_and_reaches_low_loss()
     assert all(torch.equal(p, q) for p, q in zip(params, net.parameters()))
     for p in net.parameters():
         p.requires_grad_(False)
-    a, b, t, res = noise_optimal_pairs(net, 4, 4, (3, 16, 16), seed=0, iters=300, lr=0.05, tol=1e-2)
+    a, _b, t, res = noise_optimal_pairs(net, 4, 4, (3, 16, 16), seed=0, iters=300, lr=0.05, tol=1e-2)
     assert np.median(res.loss) <= 1e-2
     with torch.no_grad():
         assert (net(a).argmax(1) == t).float().mean() >= 0.75
