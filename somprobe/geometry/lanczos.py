@@ -198,8 +198,6 @@ class PrincipalCurvatures:
     steps: torch.Tensor | None = None
 
 
-
-
 def principal_curvatures(F, z: torch.Tensor, *, k: int = 10, iters: int | None = None,
                          method: str = "fd", h: float = DEFAULT_H, rows=None, chunk=None,
                          vectors: bool = False, seed: int = 0,
