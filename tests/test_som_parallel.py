@@ -1,5 +1,5 @@
 """Maps fitted side by side (issue 8): the thread policy, the rank assignment, and fit_run with
-worker processes giving the same bytes as fitting the maps one by one."""
+worker threads or processes giving the same bytes as fitting the maps one by one."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +16,10 @@ from somprobe.som import SOM, parallel
 from somprobe.som.job import fit_run
 
 BIG = parallel.THREADED_STEP_FLOPS
+
+
+def _wt(p):
+    return p.workers, p.threads
 
 
 def make_run(root, n=80, dims={"CL1": 6, "CL2": 9}, zero_layer=None):
@@ -37,18 +41,23 @@ def make_run(root, n=80, dims={"CL1": 6, "CL2": 9}, zero_layer=None):
 
 # policy ---------------------------------------------------------------------------------------
 def test_plan_one_thread_per_map_as_many_maps_as_cores():
-    # the paper's sixteen small maps on 2 cores: 2 at once, 1 thread each
-    assert parallel.plan([10.0] * 16, [1e6] * 16, cores=2) == parallel.Plan(2, 1)
-    assert parallel.plan([10.0] * 3, [1e6] * 3, cores=8) == parallel.Plan(3, 1)
+    # the paper's sixteen small maps on 2 cores: 2 at once, 1 thread each; a job of a few
+    # seconds in threads of this process, a long one in worker processes
+    assert parallel.plan([0.2] * 16, [1e6] * 16, cores=2) == parallel.Plan(2, 1, "threads")
+    assert parallel.plan([10.0] * 16, [1e6] * 16, cores=2) == parallel.Plan(2, 1, "processes")
+    lim = parallel.PROCESS_MIN_SECONDS
+    assert parallel.plan([lim / 2] * 2, [1e6] * 2, cores=2).backend == "processes"
+    assert parallel.plan([lim / 2 - 0.01] * 2, [1e6] * 2, cores=2).backend == "threads"
+    assert parallel.plan([10.0] * 3, [1e6] * 3, cores=8) == parallel.Plan(3, 1, "processes")
     # fewer maps than cores: only large steps get the spare cores as threads
-    assert parallel.plan([10.0], [BIG], cores=8) == parallel.Plan(1, 8)
-    assert parallel.plan([10.0] * 3, [BIG, 1, 1], cores=8) == parallel.Plan(3, 2)
-    assert parallel.plan([10.0], [BIG - 1], cores=8) == parallel.Plan(1, 1)
+    assert _wt(parallel.plan([10.0], [BIG], cores=8)) == (1, 8)
+    assert _wt(parallel.plan([10.0] * 3, [BIG, 1, 1], cores=8)) == (3, 2)
+    assert _wt(parallel.plan([10.0], [BIG - 1], cores=8)) == (1, 1)
     # a tiny job stays in this process
     assert parallel.plan([0.05] * 16, [1e6] * 16, cores=4).workers == 1
     # the user's choice wins; the other number follows from it
-    assert parallel.plan([0.05] * 16, [1e6] * 16, cores=4, workers=3) == parallel.Plan(3, 1)
-    assert parallel.plan([10.0] * 16, [BIG] * 16, cores=8, threads=4) == parallel.Plan(2, 4)
+    assert _wt(parallel.plan([0.05] * 16, [1e6] * 16, cores=4, workers=3)) == (3, 1)
+    assert _wt(parallel.plan([10.0] * 16, [BIG] * 16, cores=8, threads=4)) == (2, 4)
     assert parallel.plan([10.0] * 2, [1e6] * 2, cores=8, workers=5).workers == 2
     with pytest.raises(SOMError, match="workers"):
         parallel.plan([1.0], [1.0], workers=0)
@@ -98,6 +107,33 @@ def test_run_tasks_uses_the_caller_and_workers():
     assert torch.get_num_threads() == threads  # the caller's threads are restored
 
 
+def _thread_of(task, progress):
+    import threading
+
+    progress(1)
+    time.sleep(0.2)  # long enough for the second thread to take a task
+    if task == "boom":
+        raise SOMError("boom failed")
+    return threading.get_ident(), os.getpid()
+
+
+def test_thread_backend_runs_tasks_on_threads_of_this_process():
+    import threading
+
+    res = parallel.run_tasks(_thread_of, list(range(6)), workers=2, threads=1, total=6,
+                             backend="threads")
+    assert sorted(t for t, _ in res) == list(range(6))
+    assert {pid for _, (_, pid) in res} == {os.getpid()}
+    idents = {ident for _, (ident, _) in res}
+    assert threading.get_ident() in idents and len(idents) == 2
+    # an error in one thread surfaces as it is; the other stops at its next progress call
+    with pytest.raises(SOMError, match="boom failed"):
+        parallel.run_tasks(_thread_of, ["boom", 1, 2, 3, 4, 5], workers=2, threads=1,
+                           backend="threads")
+    with pytest.raises(SOMError, match="backend"):
+        parallel.run_tasks(_thread_of, [1], backend="fork")
+
+
 def test_dead_worker_is_a_clean_error(monkeypatch):
     monkeypatch.setenv("SOMPROBE_TEST_PARENT", str(os.getpid()))
     with pytest.raises(SOMError, match=r"worker process fitting (a|b|c) died.*--resume"):
@@ -115,12 +151,24 @@ def _files(run):
     return out
 
 
-def test_workers_give_the_same_bytes_as_one_by_one(tmp_path):
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_workers_give_the_same_bytes_as_one_by_one(tmp_path, monkeypatch, backend):
+    chosen = []
+    original = parallel.run_tasks
+
+    def spy(*a, **k):
+        chosen.append(k["backend"])
+        return original(*a, **k)
+
+    monkeypatch.setattr(parallel, "run_tasks", spy)
+    # this job is tiny: threads by the cost rule; a zero threshold forces processes
+    monkeypatch.setattr(parallel, "PROCESS_MIN_SECONDS", 0.0 if backend == "processes" else 1e9)
     kw = dict(sizes="3,4x5", epochs=2, batch_size=7, device="cpu", seed=4, threads=1)
     serial = make_run(tmp_path / "serial")
     fit_run(serial, workers=1, **kw)
     par = make_run(tmp_path / "par")
     paths = fit_run(par, workers=2, **kw)
+    assert chosen[-1] == backend
     assert paths == [par.som_path(layer, m, n) for layer in ("CL1", "CL2") for m, n in ((3, 3), (4, 5))]
     a, b = _files(serial), _files(par)
     assert a.keys() == b.keys() and len(a) == 4 + 4 * 2 * 2

@@ -83,6 +83,20 @@ def test_blocks_do_not_apply_above_the_incremental_batch_limit():
     assert T.block_rows(10, 2048) == T.BLOCK_ROWS and T.block_rows(10, 4) == 10
 
 
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 2.0, 10.0])
+def test_neighbourhood_is_quicksoms_gaussian_cut_below_float_resolution(sigma):
+    g = Grid(30, 30)
+    bmu = torch.tensor([0, 17, 450, 899])
+    H = T.neighbourhood(g.unit_sq_distances(), bmu, sigma).double().numpy()
+    ref = np.exp(-g.unit_sq_distances(dtype=torch.float64).numpy()[bmu.numpy()]
+                 / (2 * sigma ** 2 + 1e-5))
+    keep = ref > T.NEIGHBOURHOOD_CUTOFF * 1.001
+    np.testing.assert_allclose(H[keep], ref[keep], rtol=1e-5)
+    assert (H[ref < T.NEIGHBOURHOOD_CUTOFF * 0.999] == 0).all()
+    tiny = np.finfo(np.float32).tiny
+    assert not ((H > 0) & (H < tiny)).any()  # no subnormal weights
+
+
 def test_time_advances_by_actual_batch_size_and_alpha_stays_positive():
     X = np.random.default_rng(0).random((25, 4)).astype(np.float32)
     som = SOM(3, 3, 4, epochs=2, batch_size=10, alpha=0.1, sigma=2.0, decay="linear", device="cpu")

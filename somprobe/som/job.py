@@ -221,7 +221,7 @@ def fit_run(run, *, layers=None, sizes=(20,), train_split="som-tr", splits=None,
                 p = parallel.plan([costs[i] for i in mine], [steps[i] for i in mine], cores=cores,
                                   workers=workers, threads=threads)
             parallel.run_tasks(_fit_map, [spec(i) for i in mine], workers=p.workers,
-                               threads=p.threads, total=N * E * len(mine),
+                               threads=p.threads, backend=p.backend, total=N * E * len(mine),
                                progress=progress and ctx.is_main, describe=_describe, into=results)
     except BaseException as e:
         err = e

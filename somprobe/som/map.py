@@ -407,9 +407,9 @@ class SOM:
                 else:
                     self._batch_epoch(W, wsq, rows, sqd, epoch, curve_rows, epoch_rows, bar, shard)
                 self.epoch_ = epoch + 1
-                self._set_curves(curve_rows, epoch_rows)
                 if checkpoint is not None and (shard is None or shard[0] == 0) and \
                         time.monotonic() - last_save >= float(checkpoint_every):
+                    self._set_curves(curve_rows, epoch_rows)  # the checkpoint holds the curves
                     self.save(checkpoint)
                     last_save = time.monotonic()
         finally:

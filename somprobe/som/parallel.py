@@ -7,12 +7,15 @@ another process holds a core (each step waits for the slower thread). So maps ar
 side by side, **one thread each, as many at once as there are cores**, and a map only gets more
 threads when there are fewer maps than cores and its steps are large (:func:`plan`).
 
-Torch's thread count is per process, so the maps run in **worker processes** (``spawn``: a
-fresh interpreter, safe whatever threads the parent already used; ``fork`` is not, with
-OpenMP). Starting one costs about a second of imports, so the calling process fits maps too
-and the workers join as they come up (:func:`run_tasks`); tiny jobs do not start workers at all.
-Every map is fitted by the same code with the same thread count wherever it runs, so the
-results are bit-identical to fitting the maps one by one.
+Short jobs (the paper's sixteen maps on SOM-tr take a few seconds) run their maps in **threads
+of the calling process**: the matrix products release the GIL and dominate the steps of all
+but the smallest maps, and a thread starts at once. Longer jobs (:data:`PROCESS_MIN_SECONDS`)
+use **worker processes** (``spawn``: a fresh interpreter, safe whatever threads the parent
+already used; ``fork`` is not, with OpenMP), free of the GIL; starting one costs about a second of
+imports, so the calling process fits maps too and the workers join as they come up
+(:func:`run_tasks`); tiny jobs do not start workers at all. Every map is fitted by the same
+code with the same thread count wherever it runs, so the results are bit-identical to fitting
+the maps one by one.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from somprobe.errors import SOMError
 
 __all__ = ["available_cores", "map_cost", "step_flops", "plan", "Plan", "assign", "run_tasks",
-           "THREADED_STEP_FLOPS", "MIN_PARALLEL_SECONDS"]
+           "THREADED_STEP_FLOPS", "MIN_PARALLEL_SECONDS", "PROCESS_MIN_SECONDS", "BACKENDS"]
 
 #: A map gets more than one thread only if one training step is at least this many flops
 #: (a [G, D]×[D, B] product: batch 100 on a 20×20 map of 2,048 features; the batch map's
@@ -38,6 +41,13 @@ THREADED_STEP_FLOPS = 2 * 100 * 400 * 2048
 #: Below this estimated one-core time a job runs in the calling process: a worker costs about
 #: a second of imports, which tiny jobs would not win back.
 MIN_PARALLEL_SECONDS = 1.5
+#: From this estimated one-core time on, maps run in worker processes rather than threads: the
+#: ~1.5 s a process spends importing is then under a tenth of the job, and processes do not
+#: share the GIL (which the per-step bookkeeping of small maps holds). On the paper's sixteen
+#: maps (~3 s) two threads gave 1.7× over one by one; two processes 1.06×, start-up included.
+PROCESS_MIN_SECONDS = 20.0
+#: Ways :func:`run_tasks` runs maps side by side.
+BACKENDS = ("threads", "processes")
 # Cost model of one online step on one core: a fixed overhead (~25 small tensor operations of
 # bookkeeping per step) plus the flops at matrix-product speed (the online loop works in blocks
 # of ~160 rows, whose two products run near the GEMM peak: ~70 GF/s on one core of the 2-core
@@ -75,10 +85,12 @@ def map_cost(m: int, n: int, dim: int, *, n_samples: int, epochs: int, batch_siz
 
 @dataclass(frozen=True)
 class Plan:
-    """How a set of maps is fitted: ``workers`` maps at once, ``threads`` torch threads each."""
+    """How a set of maps is fitted: ``workers`` maps at once, ``threads`` torch threads each,
+    side by side in threads of this process or in worker processes (``backend``)."""
 
     workers: int
     threads: int
+    backend: str = "threads"
 
 
 def plan(costs, steps, *, cores: int | None = None, workers: int | None = None,
@@ -95,6 +107,9 @@ def plan(costs, steps, *, cores: int | None = None, workers: int | None = None,
         Cores to use (default :func:`available_cores`).
     workers, threads : int, optional
         Fixed by the user; the other one (if not given) is derived from it.
+
+    The backend is ``threads`` for jobs estimated under :data:`PROCESS_MIN_SECONDS` of one core,
+    ``processes`` from there on.
 
     Returns
     -------
@@ -121,7 +136,8 @@ def plan(costs, steps, *, cores: int | None = None, workers: int | None = None,
     workers = min(int(workers), n)
     if threads is None:
         threads = max(1, cores // workers) if big else 1
-    return Plan(workers, int(threads))
+    backend = "processes" if sum(costs) >= PROCESS_MIN_SECONDS else "threads"
+    return Plan(workers, int(threads), backend)
 
 
 def assign(costs, world_size: int) -> list[int]:
@@ -177,7 +193,8 @@ def _call_in_worker(fn, task):
 
 
 def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | None = None,
-              progress=False, desc: str = "SOMs", describe=str, into: list | None = None):
+              progress=False, desc: str = "SOMs", describe=str, into: list | None = None,
+              backend: str = "processes"):
     """Run ``fn(task, progress_callback)`` for every task, ``workers`` at a time.
 
     Parameters
@@ -187,9 +204,10 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
     tasks : list
         Picklable tasks, best ordered longest first.
     workers : int
-        Tasks at once: the calling process and ``workers − 1`` spawned processes.
+        Tasks at once: the calling thread and ``workers − 1`` spawned processes or threads.
     threads : int
-        Torch threads of each (the caller's are restored afterwards).
+        Torch threads of each (the caller's are restored afterwards; with ``backend="threads"``
+        the setting is the process's, shared by all tasks).
     total : int, optional
         Units of all tasks, for the bar.
     progress : bool
@@ -198,6 +216,9 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
         Names a task in error messages.
     into : list, optional
         Receives the ``(task, result)`` pairs, also those finished before an error.
+    backend : {"processes", "threads"}
+        Where the other ``workers − 1`` tasks run (see the module notes). With ``threads``,
+        ``fn`` must be thread-safe (the SOM fits are: each has its own state and generator).
 
     Returns
     -------
@@ -206,6 +227,8 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
         next progress call (what they finished stays written) and the first error is raised: a
         somprobe error as it is, a dead worker as :class:`SOMError` naming the task.
     """
+    if backend not in BACKENDS:
+        raise SOMError(f"backend={backend!r}: choose one of {BACKENDS}")
     tasks = list(tasks)
     bar = None
     if progress:
@@ -225,25 +248,54 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
                 return None
             return pending.pop()
 
+    bar_lock = threading.Lock()
+
     def refresh():
         if bar is not None:
-            bar.n = local[0] + (counter.value if counter is not None else 0)
-            bar.refresh()
+            with bar_lock:  # worker threads report too
+                bar.n = local[0] + (counter.value if counter is not None else 0)
+                bar.refresh()
 
     def local_progress(n):
         if errors:
             raise _Stopped()
-        local[0] += int(n)
+        with lock:
+            local[0] += int(n)
         refresh()
 
+    def work(first=None):
+        # the loop of the calling thread, and of each worker thread with backend="threads"
+        while True:
+            task, first = (first, None) if first is not None else (take(), None)
+            if task is None:
+                return
+            try:
+                done.put((task, fn(task, local_progress)))
+            except _Stopped:
+                return
+            except BaseException as e:
+                with lock:
+                    errors.append((task, e))
+                if stop is not None:
+                    stop.set()
+                if not isinstance(e, Exception):
+                    raise  # KeyboardInterrupt: the caller's finally stops the workers
+                return
+
     pool = feeder = None
+    helpers: list = []
     results = [] if into is None else into
     try:
         with torch_threads(threads):
             # this process takes the longest task first; a worker pays its start-up (imports)
             # on the next one while this process already computes
             first = take()
-            if workers > 1 and len(tasks) > 1:
+            if workers > 1 and len(tasks) > 1 and backend == "threads":
+                helpers = [threading.Thread(target=work, daemon=True)
+                           for _ in range(min(workers, len(tasks)) - 1)]
+                for h in helpers:
+                    h.start()
+            elif workers > 1 and len(tasks) > 1:
                 ctx = mp.get_context("spawn")
                 counter, stop = ctx.Value("q", 0), ctx.Event()
                 n_proc = min(workers, len(tasks)) - 1
@@ -279,22 +331,11 @@ def run_tasks(fn, tasks, *, workers: int = 1, threads: int = 1, total: int | Non
 
                 feeder = threading.Thread(target=feed, daemon=True)
                 feeder.start()
-            while True:
-                task, first = (first, None) if first is not None else (take(), None)
-                if task is None:
-                    break
-                try:
-                    done.put((task, fn(task, local_progress)))
-                except _Stopped:
-                    break
-                except BaseException as e:
-                    with lock:
-                        errors.append((task, e))
-                    if stop is not None:
-                        stop.set()
-                    if not isinstance(e, Exception):
-                        raise  # KeyboardInterrupt: the finally below stops the workers
-                    break
+            work(first)
+            for h in helpers:
+                while h.is_alive():
+                    h.join(0.5)
+                    refresh()
             if feeder is not None:
                 while feeder.is_alive():
                     feeder.join(0.5)

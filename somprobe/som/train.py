@@ -138,14 +138,15 @@ def online_step(W: torch.Tensor, wsq: torch.Tensor, x: torch.Tensor, sqd: torch.
 #: of it (far beneath float32 resolution), and without the cut-off the far units' weights end
 #: up as subnormal floats, which make the CPU's matrix products several times slower.
 NEIGHBOURHOOD_CUTOFF = 1e-22
+_LOG_CUTOFF = math.log(NEIGHBOURHOOD_CUTOFF)
 
 
 def neighbourhood(sqd: torch.Tensor, bmu: torch.Tensor, sigma: float) -> torch.Tensor:
     """``H[b, j] = exp(−d²(bmu_b, j) / (2σ² + 1e−5))`` (quicksom's Gaussian), ``[B, G]``."""
     E = torch.index_select(sqd, 0, bmu).mul_(-1.0 / (2.0 * sigma * sigma + NEIGHBOURHOOD_EPS))
-    # Clamping first keeps exp itself away from subnormal results.
-    H = E.clamp_(min=-60.0).exp_()
-    return torch.nn.functional.threshold_(H, NEIGHBOURHOOD_CUTOFF, 0.0)
+    # Cut in the exponent (exp(−inf) = 0): exp itself never produces subnormal results.
+    torch.nn.functional.threshold_(E, _LOG_CUTOFF, -math.inf)
+    return E.exp_()
 
 
 def _sq_norms(W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -200,6 +201,7 @@ def online_block(W: torch.Tensor, wsq: torch.Tensor, xb: torch.Tensor, sqd: torc
     pending = torch.empty(nb, G, device=W.device, dtype=W.dtype)   # Ĥ
     scale = torch.ones(G, device=W.device, dtype=W.dtype)          # Π c
     best = torch.empty(nb, device=W.device, dtype=W.dtype)
+    bmus = torch.empty(nb, device=W.device, dtype=torch.long)
     t, step = t0, step0
     for a in range(0, nb, B):
         b = min(a + B, nb)
@@ -207,10 +209,9 @@ def online_block(W: torch.Tensor, wsq: torch.Tensor, xb: torch.Tensor, sqd: torc
         s = decay_factor(decay, t, total)
         lrs[step] = s
         coef = alpha0 * s / (b - a)
-        top, bmu = bmu_scores(St, wsq, metric).max(dim=0)
-        best[a:b] = top
-        H = neighbourhood(sqd, bmu, sigma0 * s)              # [b−a, G]
-        c = torch.sum(H, 0).mul_(-coef).add_(1.0)
+        torch.max(bmu_scores(St, wsq, metric), dim=0, out=(best[a:b], bmus[a:b]))
+        H = neighbourhood(sqd, bmus[a:b], sigma0 * s)        # [b−a, G]
+        c = torch.rsub(torch.sum(H, 0), 1.0, alpha=coef)     # 1 − coef · Σ_b h_bj
         # ‖c W + U‖² = c (c ‖W‖² + 2 coef Σ_b h S) + coef² hᵀ(x xᵀ)h
         wu = (H * St.t()).sum(0)
         uu = (torch.mm(gram[a:b, a:b], H) * H).sum(0)
