@@ -193,13 +193,14 @@ def test_bad_neb_parameters_are_refused():
 
 
 # ----------------------------------------------------------------------------- dense checks
-def test_linear_profile_matches_a_brute_force_loop():
+@pytest.mark.parametrize("chunk", [5, 7, 15, 1024])  # a segment split over passes; whole segments
+def test_linear_profile_matches_a_brute_force_loop(chunk):
     model = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
     space = make_space(model, "input")
     g = torch.Generator().manual_seed(2)
     a, b = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
     t = torch.tensor([0, 1, 2])
-    prof = linear_profile(space, a, b, t, 7, chunk=5, probs=True)
+    prof = linear_profile(space, a, b, t, 7, chunk=chunk, probs=True)
     with torch.no_grad():
         for p in range(3):
             for j, s in enumerate(np.linspace(0, 1, 7)):

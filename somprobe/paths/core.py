@@ -97,6 +97,10 @@ def evaluate(space: Space, points: Tensor, target: Tensor, *, chunk: int = CHUNK
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+#: Points whose logits :func:`_walk` reduces at once (bounds the [points, classes] buffer).
+_REDUCE_POINTS = 65536
+
+
 def _collect(out: dict, logit: Tensor, t: Tensor, probs: bool) -> None:
     logp = logit.log_softmax(1)
     loss = -logp.gather(1, t[:, None])[:, 0]
@@ -175,14 +179,39 @@ def _walk(space: Space, anchors: Tensor, n_anchors: Tensor, target: Tensor, grid
         # interpolation into one addcmul.
         start = anchors[pair, seg]
         step = anchors[pair, seg + 1] - start
-        for i in range(0, M, chunk):
-            idx = torch.arange(i, min(i + chunk, M), device=dev)
-            s_id, j = idx // T, idx % T
-            w = grid[j].to(anchors.dtype).reshape(-1, *([1] * len(shape)))
-            pts = torch.addcmul(start[s_id], w, step[s_id])
-            p = pair[s_id]
-            logit = _logits(space, pts).float()
-            _collect(out, logit, target.to(dev)[p].to(logit.device), probs)
+        if T <= chunk:
+            # Whole segments per pass: the points are one broadcast addcmul, without the index
+            # arithmetic and the two gathers per point below (for a cheap tail such as a pooled
+            # linear layer those cost more than the tail itself).
+            w = grid.to(anchors.dtype).view(1, T, *([1] * len(shape)))
+            tgt = target.to(dev)[pair]
+            per = max(1, chunk // T)
+            pending, first = [], 0  # logits not yet reduced, from segment `first` on
+
+            def flush(upto):
+                # one reduction for many passes: the per-pass bookkeeping otherwise rivals a cheap tail
+                if pending:
+                    logit = torch.cat(pending)
+                    _collect(out, logit, tgt[first:upto].repeat_interleave(T).to(logit.device), probs)
+                    pending.clear()
+
+            for s0 in range(0, len(pair), per):
+                s1 = min(s0 + per, len(pair))
+                pts = torch.addcmul(start[s0:s1, None], w, step[s0:s1, None]).reshape(-1, *shape)
+                pending.append(_logits(space, pts).float())
+                if (s1 - first) * T >= _REDUCE_POINTS:
+                    flush(s1)
+                    first = s1
+            flush(len(pair))
+        else:  # a segment's grid alone exceeds a pass: chunks of points
+            for i in range(0, M, chunk):
+                idx = torch.arange(i, min(i + chunk, M), device=dev)
+                s_id, j = idx // T, idx % T
+                w = grid[j].to(anchors.dtype).reshape(-1, *([1] * len(shape)))
+                pts = torch.addcmul(start[s_id], w, step[s_id])
+                p = pair[s_id]
+                logit = _logits(space, pts).float()
+                _collect(out, logit, target.to(dev)[p].to(logit.device), probs)
     S = len(pair)
     res = {}
     for key, v in out.items():
