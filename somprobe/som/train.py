@@ -35,6 +35,7 @@ __all__ = ["DECAYS", "decay_factor", "online_step", "online_pass", "batch_accumu
 #: quicksom's constant in the Gaussian neighbourhood's denominator (2σ² + eps).
 NEIGHBOURHOOD_EPS = 1e-5
 
+
 def _exp(f: float) -> float:
     return math.exp(-5.0 * f)
 
@@ -247,7 +248,7 @@ def online_pass(W: torch.Tensor, wsq: torch.Tensor, chunk: torch.Tensor, sqd: to
     t = t0
     step = step0
     rows = block_rows(batch_size, W.shape[1])
-    if rows == batch_size and batch_size > INCREMENTAL_NORMS_MAX_BATCH:
+    if batch_size > INCREMENTAL_NORMS_MAX_BATCH:  # blocks need the incremental norms
         _sq_norms(W, out=wsq)  # online_step recomputes them after each step
         for start in range(0, n, batch_size):
             x = chunk[start:start + batch_size]
