@@ -193,8 +193,14 @@ def test_bad_neb_parameters_are_refused():
 
 
 # ----------------------------------------------------------------------------- dense checks
-@pytest.mark.parametrize("chunk", [5, 7, 15, 1024])  # a segment split over passes; whole segments
-def test_linear_profile_matches_a_brute_force_loop(chunk):
+@pytest.mark.parametrize("chunk,reduce", [(5, None), (7, 7), (15, None), (1024, None)])
+def test_linear_profile_matches_a_brute_force_loop(chunk, reduce, monkeypatch):
+    # chunk < 7: a segment split over passes; else whole segments per pass, reduced at the end
+    # or (reduce=7) after every pass
+    if reduce is not None:
+        from somprobe.paths import core
+
+        monkeypatch.setattr(core, "_REDUCE_POINTS", reduce)
     model = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
     space = make_space(model, "input")
     g = torch.Generator().manual_seed(2)
