@@ -32,7 +32,7 @@ from .errors import ModelError
 
 __all__ = [
     "resolve_device", "build_model", "NormalizedModel", "probe_names", "token_probe_names", "parse_layers",
-    "ProbedModel", "split_model", "load_state_dict", "file_sha256",
+    "ProbedModel", "split_model", "affine_tail", "load_state_dict", "file_sha256",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -687,6 +687,35 @@ def _check_split(model: NormalizedModel, head: nn.Module, tail: nn.Module, layer
         raise ModelError(f"cannot split {model.name or type(model.net).__name__} at {layer!r}: the logits "
                          "depend on more than that layer's output (it is not a cut of the network); "
                          f"{_supported(model)}")
+
+
+def affine_tail(tail: nn.Module) -> bool:
+    """Whether a tail from :func:`split_model` is an affine map of its input (in eval mode).
+
+    True for the tail after the last stage of a timm ResNet (ResNeXt, SE-ResNet, ... anything of
+    the ``ResNet`` class) whose head is the stock one: average pooling (or none), flatten,
+    dropout (identity in eval mode) and a linear layer. Then logits along a straight segment are
+    exactly the interpolation of the logits of its ends, and the class regions of that latent
+    are convex (intersections of half-spaces). Decided from the modules' types, never from
+    numerical probes: a ReLU tail can look linear on any finite set of test points. Any other
+    tail, a subclass that overrides a forward, or a net in training mode gives False.
+    """
+    if not isinstance(tail, _ResNetTail) or tail.stages != 4:
+        return False
+    try:
+        from timm.layers import SelectAdaptivePool2d
+        from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
+        from timm.models.resnet import ResNet
+    except ImportError:  # pragma: no cover - timm moved them: be conservative
+        return False
+    net = tail.model.net
+    if net.training or type(net).forward_head is not ResNet.forward_head:
+        return False
+    pool, fc = getattr(net, "global_pool", None), getattr(net, "fc", None)
+    return (type(pool) is SelectAdaptivePool2d
+            and type(pool.pool) in (nn.AdaptiveAvgPool2d, FastAdaptiveAvgPool, nn.Identity)
+            and type(pool.flatten) in (nn.Flatten, nn.Identity)
+            and type(fc) in (nn.Linear, nn.Identity))
 
 
 def split_model(model: NormalizedModel, layer: str, *, check: bool = True) -> tuple[nn.Module, nn.Module]:

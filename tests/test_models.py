@@ -7,7 +7,8 @@ import torch
 
 from somprobe.errors import ModelError
 from somprobe.models import (
-    NormalizedModel, ProbedModel, build_model, parse_layers, probe_names, resolve_device, split_model,
+    NormalizedModel, ProbedModel, affine_tail, build_model, parse_layers, probe_names, resolve_device,
+    split_model,
 )
 
 torch.set_num_threads(1)
@@ -219,6 +220,27 @@ def test_split_resnet(resnet, layer):
         _, acts = ProbedModel(resnet, layer)(x)
         torch.testing.assert_close(h, acts[layer])
         torch.testing.assert_close(tail(h), resnet(x))
+
+
+def test_affine_tail_only_for_a_pooled_linear_head(vit):
+    net = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
+    flags = {layer: affine_tail(split_model(net, layer)[1]) for layer in ("CL1", "CL2", "CL3", "CL4")}
+    assert flags == {"CL1": False, "CL2": False, "CL3": False, "CL4": True}
+    head, tail = split_model(net, "CL4")
+    z = head(_x(4, s=32))
+    with torch.no_grad():  # what the flag promises: the tail commutes with mixing its inputs
+        mix = tail(0.3 * z[:2] + 0.7 * z[2:])
+        torch.testing.assert_close(mix, 0.3 * tail(z[:2]) + 0.7 * tail(z[2:]), rtol=1e-5, atol=1e-5)
+    assert not affine_tail(split_model(vit, "CLS3")[1])
+    net.train()  # dropout and batch statistics: no promise in training mode
+    assert not affine_tail(tail)
+    maxpool = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
+    maxpool.net.reset_classifier(3, global_pool="max")
+    assert not affine_tail(split_model(maxpool, "CL4")[1])
+    mlp = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
+    mlp.net.fc = torch.nn.Sequential(torch.nn.Linear(mlp.net.num_features, 8), torch.nn.ReLU(),
+                                     torch.nn.Linear(8, 3))
+    assert not affine_tail(split_model(mlp, "CL4")[1])
 
 
 def test_split_vit_and_unsupported(vit):

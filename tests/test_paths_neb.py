@@ -219,6 +219,39 @@ def test_linear_profile_matches_a_brute_force_loop(chunk, reduce, monkeypatch):
     assert prof["linear_ok"].tolist() == (prof["pred"] == t.numpy()[:, None]).all(1).tolist()
 
 
+def test_affine_space_interpolates_end_logits_like_a_brute_force_loop():
+    # CL4 of a ResNet: the dense checks run only the anchors through the tail; every point must
+    # still get what evaluating it gives, on a line, a padded polyline and a NaN anchor.
+    import dataclasses
+
+    model = build_model("test_resnet", num_classes=3, seed=0, image_size=32).eval()
+    space = make_space(model, "CL4")
+    assert space.affine and not make_space(model, "CL3").affine
+    plain = dataclasses.replace(space, affine=False)
+    g = torch.Generator().manual_seed(3)
+    z = space.encode(torch.rand(6, 3, 32, 32, generator=g)).detach()
+    a, b, t = z[:3], z[3:], torch.tensor([0, 1, 2])
+    prof = linear_profile(space, a, b, t, 9, probs=True)
+    with torch.no_grad():
+        for p in range(3):
+            for j, s in enumerate(np.linspace(0, 1, 9)):
+                sm = space.logits(((1 - s) * a[p] + s * b[p])[None])[0].softmax(0)
+                assert np.isclose(prof["p_target"][p, j], sm[p].item(), atol=1e-5)
+                assert np.isclose(prof["loss"][p, j], -sm[p].log().item(), rtol=1e-4, atol=1e-5)
+                assert np.allclose(prof["probs"][p, j], sm.numpy(), atol=1e-5)
+                if sm.sort().values[-1] - sm.sort().values[-2] > 1e-4:  # not a near tie
+                    assert prof["pred"][p, j] == sm.argmax().item()
+    anchors = torch.stack([a, (a + b) / 2 + 0.5 * z[:3].flip(0), b], 1)
+    anchors[1, 2] = anchors[1, 1]  # pair 1: two anchors, padded
+    anchors[2, 1, 0] = float("nan")  # pair 2: a NaN anchor
+    batch = PathBatch(anchors, torch.tensor([3, 2, 3]))
+    fast, slow = check_paths(space, batch, t, points_per_segment=5), check_paths(plain, batch, t, points_per_segment=5)
+    assert fast["path_ok"].tolist() == slow["path_ok"].tolist()
+    assert fast["n_points_checked"].tolist() == slow["n_points_checked"].tolist() == [10, 5, 10]
+    np.testing.assert_allclose(fast["max_loss"], slow["max_loss"], rtol=1e-4, atol=1e-5)  # NaN == NaN
+    assert np.isnan(fast["max_loss"][2]) and not fast["path_ok"][2]
+
+
 def test_check_paths_on_padded_polylines_against_brute_force():
     space = _toy(Annulus())
     # Pair 0: the arc through (0, 1.5) (inside the ring); pair 1: a straight segment through the

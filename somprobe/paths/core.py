@@ -175,6 +175,10 @@ def _walk(space: Space, anchors: Tensor, n_anchors: Tensor, target: Tensor, grid
         out["probs"] = []
     shape = anchors.shape[2:]
     with torch.no_grad():
+        if getattr(space, "affine", False):
+            _walk_affine(space, anchors, n_anchors.to(dev), pair, seg, target.to(dev)[pair], grid,
+                         chunk=chunk, probs=probs, out=out)
+            return pair, seg, _shaped(out, len(pair), T, dev)
         # One start and one direction per segment, so each chunk gathers once and fuses the
         # interpolation into one addcmul.
         start = anchors[pair, seg]
@@ -212,12 +216,44 @@ def _walk(space: Space, anchors: Tensor, n_anchors: Tensor, target: Tensor, grid
                 p = pair[s_id]
                 logit = _logits(space, pts).float()
                 _collect(out, logit, target.to(dev)[p].to(logit.device), probs)
-    S = len(pair)
+    return pair, seg, _shaped(out, len(pair), T, dev)
+
+
+def _shaped(out: dict, S: int, T: int, dev) -> dict[str, Tensor]:
     res = {}
     for key, v in out.items():
         flat = torch.cat(v) if v else torch.empty(0, device=dev)
         res[key] = flat.reshape(S, T, *flat.shape[1:])
-    return pair, seg, res
+    return res
+
+
+def _walk_affine(space: Space, anchors: Tensor, n_anchors: Tensor, pair: Tensor, seg: Tensor,
+                 tgt: Tensor, grid: Tensor, *, chunk: int, probs: bool, out: dict) -> None:
+    """:func:`_walk` for an affine ``space.logits``: only the anchors go through the tail.
+
+    logits((1 − t) z₀ + t z₁) = (1 − t) logits(z₀) + t logits(z₁) exactly for an affine map, so
+    each segment's grid is the interpolation of its ends' logits (float rounding aside: ~1e-6
+    relative). A non-finite anchor makes its segments non-finite, as evaluating the points would.
+    """
+    P, K = anchors.shape[:2]
+    valid = torch.arange(K, device=anchors.device)[None] < n_anchors[:, None]
+    pts = anchors[valid]
+    if not len(pair):
+        return
+    ends = torch.cat([_logits(space, pts[i:i + chunk]).float() for i in range(0, len(pts), chunk)])
+    C = ends.shape[1]
+    table = ends.new_full((P, K, C), float("nan"))
+    table[valid.to(ends.device)] = ends
+    p, s = pair.to(ends.device), seg.to(ends.device)
+    l0 = table[p, s]
+    dl = table[p, s + 1] - l0
+    T = len(grid)
+    w = grid.to(ends.device, torch.float32).view(1, T, 1)
+    per = max(1, _REDUCE_POINTS // T)
+    for s0 in range(0, len(pair), per):
+        s1 = min(s0 + per, len(pair))
+        logit = torch.addcmul(l0[s0:s1, None], w, dl[s0:s1, None]).reshape(-1, C)
+        _collect(out, logit, tgt[s0:s1].repeat_interleave(T).to(logit.device), probs)
 
 
 def check_paths(space: Space, batch: PathBatch, target: Tensor, *, points_per_segment: int = 100,

@@ -37,12 +37,18 @@ class Space:
         split's tail otherwise).
     clip : tuple of float or None
         ``(0., 1.)`` for pixels; ``None`` for latents (unbounded).
+    affine : bool
+        ``logits`` is an affine map (:func:`somprobe.models.affine_tail`: a ResNet's ``CL4``
+        tail, average pooling + linear layer). Dense checks along segments then interpolate the
+        logits of the segments' ends instead of running every point through ``logits``: the
+        same values up to float rounding, at the cost of the ends alone.
     """
 
     name: str
     encode: Callable[[Tensor], Tensor]
     logits: Callable[[Tensor], Tensor]
     clip: tuple[float, float] | None = None
+    affine: bool = False
 
     def project(self, x: Tensor) -> Tensor:
         """Points moved into the space's box (a no-op for latents)."""
@@ -78,14 +84,14 @@ def make_space(model: nn.Module, name: str) -> Space:
     name = name.strip()
     if name.lower() == INPUT:
         return Space(INPUT, _identity, model, (0.0, 1.0))
-    from ..models import split_model
+    from ..models import affine_tail, split_model
 
     try:
         head, tail = split_model(model, name)
     except ModelError as e:
         raise ModelError(f"space {name!r}: {e}") from e
     canonical = name.upper() if not name.startswith("module:") else name
-    return Space(canonical, head, tail, None)
+    return Space(canonical, head, tail, None, affine=affine_tail(tail))
 
 
 @torch.no_grad()
