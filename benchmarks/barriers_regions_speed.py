@@ -1,29 +1,92 @@
-"""Barrier bypass and region paths: all pairs in one batch vs one pair at a time, same results.
+"""Barrier bypass and region paths: all pairs in one batch vs one at a time, same results.
 
-The studies' code handles one pair at a time (study 002's Algorithm 1 is a recursive function;
-study 000 optimises one barrier point at a time). somprobe runs every pair — and every open
-segment of every pair — through the same forward/backward passes. This script times both on the
-same pairs in one process and checks that they give the same paths.
+The studies' code handles one pair at a time (study 002's Algorithm 1 is a recursive function over
+segments; study 000 bypasses one barrier at a time). somprobe runs every pair — and every open
+segment of every pair — through the same forward/backward passes. This script times the batched
+call and two references on the same pairs in one process and checks that all give the same paths:
 
-    python benchmarks/barriers_regions_speed.py --run /work/runs-shared/mnist5k-s0 --pairs 50
+- ``pair``: ``find_barrier`` / ``find_region_path`` called once per pair (batch of one pair; the
+  segments of that pair still share passes). The stricter reference (the faster of the two).
+- ``segment``: one pair at a time *and* one segment at a time, as the studies' recursive code
+  runs: every segment's loss curve / label check is its own forward pass and every barrier point
+  or midpoint projection its own Adam / projection run (batch 1). It cannot be had by calling
+  ``find_barrier`` on single segments: a call measures the barrier gap against its *own* ends
+  (the library, as study 000 defines it, against the pair's ends A, C — a sub-segment call would
+  settle or recurse differently whenever a B′ sits above max(L(A), L(C))), it re-evaluates the
+  segment its parent already evaluated, and it reports per pair, not which half is still open
+  (``find_region_path`` on a sub-segment likewise samples at a fraction of the *sub-segment's*
+  length). So it is written here from the library's own building blocks — ``segment_values`` +
+  ``cross_entropy`` for the loss curves and checks, ``minimise_loss`` for the barrier points and
+  ends, ``project_to_class`` for the midpoints — with the library's rules (gap against the pair's
+  ends, stop a pair on a stuck B′, checks at ``spacing · ‖a − b‖``, ``recurse="both"``). It walks
+  the recursion level by level (all open segments of a level, one after another), not depth
+  first: the final path of a pair is the same either way and the cost per segment is the same,
+  but on a failing pair level order spends exactly the Adam/projection steps the library spends,
+  so every column can be compared.
 
-Prints one JSON object: seconds batched / one at a time, the speed-up, and the agreement
-(same anchor counts, rounds, segments and success; largest anchor difference). Exits with status
-1 (after printing) when the two disagree: a discrete column differs for some pair or an anchor
-moves by more than ``--tolerance``. ``--methods regions`` times the region paths alone.
+Settings (``--settings``, comma separated; rows per setting and method):
 
-The timed run for the record (issue 10's target: >= 5x for 50 pairs, on a quiet machine):
+- ``natural``: disjoint same-class pairs of correctly classified test images (``same_class_pairs``).
+- ``pgd``: natural–adversarial pairs as studies 000/002 use them (``adversarial_pairs``): a clean
+  test image of class c and a Linf-PGD image (``somprobe.attacks.pgd``, eps 4/255, 20 steps as
+  ``barriers_regions.py``, seeded generator) of a correctly classified image of another class
+  that the model predicts as c. The attack runs on the seeded pool in chunks until there are
+  enough successes (set-up, not timed).
+- ``noise-optimal``: study 000's test on an *untrained* network: the run's architecture built
+  with ``build_model(seed)`` and BatchNorm statistics from noise (``calibrate_untrained_batchnorm``,
+  as ``somprobe connect --pair-source noise-optimal`` does), ends are Gaussian noise N(0.5, 0.1²)
+  (classes in turn) and the timed barrier bypass *includes* optimising the ends to low loss
+  (``ends="optimise"``, step 1 of study 000's procedure; at the ``light`` preset the ends get
+  ``end_iters=512`` since 8 Adam steps cannot take noise to low loss). Region paths have no
+  untrained-network test in study 002; their row in this setting is study 002's noise scenario
+  "(b) adversarially perturbed from random noise" on the trained network (``noise_adversarial``:
+  a correctly classified image of class c and uniform noise projected into c with a logit margin
+  1, as ``barriers_regions.py``'s ``noiseadv`` stage; made before timing).
 
-    OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --run /work/runs-shared/mnist5k-s0 \
-        --pairs 50 --iters 8 --max-depth 1 --spacing 0.05 --json barriers_regions_speed.json
+Presets (``--preset``): ``light`` — the options of the first record (Adam 8 steps, depth 1, 17
+points per segment, ends kept; region spacing 0.05, depth 6); ``defaults`` — what a user of
+``find_barrier`` / ``find_region_path`` gets (iters 512, lr 0.01, max_depth 5, 33 points per
+segment, δ 1e-3, ends optimised; spacing 1e-4, margin 0.1, depth 10, leading projection).
+``--iters``, ``--max-depth``, ``--spacing``, ``--projection`` override a preset (for short
+sanity runs).
+
+Same results: every discrete column (anchor count, rounds, segments, success, Adam iterations /
+depth, projections) must be equal for every pair, a barrier pair's final max loss within
+``--loss-tolerance``, and the anchors close: region anchors to ``--tolerance``; barrier anchors
+come out of Adam, whose per-element normalised step m̂/√v̂ turns float rounding of near-zero
+gradient entries (a batch of 50 and a batch of 1 sum in a different order) into moves of up to
+lr per step, so they count as the same within ``--anchor-steps`` Adam steps (× lr, default 1)
+of each other in Linf. The script exits with status 1 (after printing) on any disagreement.
+
+Output: one JSON object (``--json`` also writes it) and a markdown table, one row per (setting,
+method): seconds batched, one pair at a time, one segment at a time, both speed-ups, same results,
+mean rounds (barrier) / anchors (regions), success.
+
+The timed runs for the record (issue 10: >= 5x for 50 pairs, on a quiet machine, 2 threads), one
+setting per command so that each stays a few minutes (expected times in BENCHMARKS.md):
+
+    OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings natural --preset light \\
+        --run /work/runs-shared/mnist5k-s0 --pairs 50 --threads 2      # the first record's row
+    OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings natural --preset defaults \\
+        --pairs 50 --region-pairs 5 --threads 2 --json brs_natural.json
+    OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings pgd --preset defaults \\
+        --pairs 50 --region-pairs 5 --threads 2 --json brs_pgd.json
+    OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings noise-optimal \\
+        --preset defaults --pairs 50 --region-pairs 3 --threads 2 --json brs_noise.json
+
+(``--region-pairs``: at the study's spacing 1e-4 a pair's check is 10,000–50,000 forward passes,
+which one pair already runs in full batches: the region rows cost minutes per pair and
+batching cannot gain much there; see the docstring's table of expected times in the report.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,61 +94,374 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _real_run import set_threads  # noqa: E402
 
+SETTINGS = ("natural", "pgd", "noise-optimal")
+REFERENCES = ("pair", "segment")
+PGD = dict(eps=4 / 255, steps=20)          # barriers_regions.py's attack (studies 000/002 setting)
+NOISE_STD = 0.1                            # NOISE_DEFAULTS["std"] of `somprobe connect`
+NOISE_ADV = dict(margin=1.0, overshoot=0.02, max_steps=100)   # NOISE_DEFAULTS of noise-adversarial
+PRESETS = {
+    "light": (dict(iters=8, lr=0.01, max_depth=1, points_per_segment=17, ends="keep"),
+              dict(spacing=0.05, margin=0.1, max_depth=6, projection="leading")),
+    "defaults": ({}, {}),                  # the functions' own defaults
+}
 
-def natural_pairs(net, run_meta, n_pairs, seed, max_pool=600):
+
+# ----------------------------------------------------------------------------- pairs
+def _pool(ds, n, seed):
+    return np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+
+
+def _predict(net, x):
+    with torch.no_grad():
+        return torch.cat([net(x[i:i + 200]).argmax(1) for i in range(0, len(x), 200)]).numpy()
+
+
+def natural_pairs(net, meta, n_pairs, seed, max_pool=600):
     from somprobe.data import load_dataset
     from somprobe.paths.pairs import same_class_pairs
 
-    ds = load_dataset(run_meta["dataset"], split="test", image_size=run_meta["image_size"])
-    pool = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_pool])
-    x = ds.images(pool, run_meta["image_size"])
+    ds = load_dataset(meta["dataset"], split="test", image_size=meta["image_size"])
+    pool = _pool(ds, max_pool, seed)
+    x = ds.images(pool, meta["image_size"])
+    df, _ = same_class_pairs(np.asarray(ds.labels)[pool], _predict(net, x), n_pairs=n_pairs, seed=seed)
+    return (x[np.array(df["a"])], x[np.array(df["b"])], torch.as_tensor(np.array(df["class"])),
+            {"source": "same-class (natural)"})
+
+
+def pgd_pairs(net, meta, n_pairs, seed, max_pool=2000, chunk=250, say=print):
+    """Clean image of class c + PGD image (of a correctly classified image of another class)
+    predicted as c; attacked chunk by chunk of the seeded pool until ``n_pairs`` succeeded."""
+    from somprobe.attacks import pgd
+    from somprobe.data import load_dataset
+    from somprobe.paths.pairs import adversarial_pairs
+
+    ds = load_dataset(meta["dataset"], split="test", image_size=meta["image_size"])
+    pool = _pool(ds, max_pool, seed)
+    labels = np.asarray(ds.labels, dtype=np.int64)[pool]
+    x = ds.images(pool, meta["image_size"])
+    preds = _predict(net, x)
+    correct = np.flatnonzero(preds == labels)
+    gen = torch.Generator().manual_seed(seed)
+    adv_pos, adv_img, adv_pred = [], [], []
+    for s in range(0, len(correct), chunk):
+        idx = correct[s:s + chunk]
+        adv = pgd(net, x[idx], torch.as_tensor(labels[idx]), generator=gen, **PGD)
+        p = _predict(net, adv)
+        ok = p != labels[idx]
+        adv_pos.append(idx[ok]), adv_img.append(adv[torch.as_tensor(ok)]), adv_pred.append(p[ok])
+        if sum(map(len, adv_pos)) >= n_pairs + 5:  # a few spare: a success may lack a clean partner
+            break
+    adv_pos, adv_pred = np.concatenate(adv_pos), np.concatenate(adv_pred)
+    adv_img = torch.cat(adv_img)
+    say(f"PGD eps {PGD['eps']:.4g}, {PGD['steps']} steps: {len(adv_pos)} successes from "
+        f"{min(s + chunk, len(correct))} correctly classified images")
+    df, _ = adversarial_pairs(labels, preds, labels[adv_pos], adv_pred, n_pairs=n_pairs, seed=seed)
+    return (x[np.array(df["a"])], adv_img[np.array(df["b"])], torch.as_tensor(np.array(df["class"])),
+            {"source": f"natural-PGD (Linf {PGD['eps']:.4g}, {PGD['steps']} steps)",
+             "attacked": int(min(s + chunk, len(correct))), "successes": int(len(adv_pos))})
+
+
+def untrained_noise_pairs(meta, n_pairs, seed):
+    """Untrained net (BatchNorm statistics from noise) and Gaussian-noise ends, classes in turn."""
+    from somprobe.models import build_model
+    from somprobe.paths.synthetic import calibrate_untrained_batchnorm
+
+    size, n_cls = int(meta["image_size"]), int(meta.get("num_classes", 10))
+    raw = build_model(meta["model"], num_classes=n_cls, image_size=size, seed=seed).eval()
+    calibrated = calibrate_untrained_batchnorm(raw, (3, size, size), seed=seed + 1, std=NOISE_STD)
+    for p in raw.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    x = (0.5 + NOISE_STD * torch.randn((2 * n_pairs, 3, size, size), generator=gen)).clamp(0, 1)
+    target = torch.as_tensor(np.arange(n_pairs) % n_cls)
+    return raw, x[:n_pairs], x[n_pairs:], target, {
+        "source": "untrained net, Gaussian-noise ends optimised in the timed run",
+        "batchnorm_calibrated": bool(calibrated)}
+
+
+def noise_adversarial_pairs(net, meta, n_pairs, seed, max_pool=600):
+    """Study 002 (b): correctly classified image of class c + uniform noise projected into c."""
+    from somprobe.data import load_dataset
+    from somprobe.paths.synthetic import noise_adversarial
+
+    size = int(meta["image_size"])
+    ds = load_dataset(meta["dataset"], split="test", image_size=size)
+    pool = _pool(ds, max_pool, seed)
+    x = ds.images(pool, size)
+    preds = _predict(net, x)
+    correct = np.flatnonzero(preds == np.asarray(ds.labels)[pool])
+    pick = np.sort(np.random.default_rng(seed + 1).permutation(correct)[:n_pairs])
+    target = torch.as_tensor(preds[pick])
+    res = noise_adversarial(net, target, (3, size, size), seed=seed, **NOISE_ADV)
+    return x[pick], res.images.detach(), target, {
+        "source": "natural-noise-adversarial (study 002 (b), trained net)",
+        "converged": int(res.converged.sum())}
+
+
+# ------------------------------------------------------------ one segment at a time (reference)
+def _one(anchors: dict, stats: dict) -> SimpleNamespace:
+    keys = sorted(anchors)
+    pts = torch.stack([anchors[k] for k in keys])
+    return SimpleNamespace(anchors=pts[None], n_anchors=torch.tensor([len(keys)]),
+                           stats={k: np.asarray([v]) for k, v in stats.items()})
+
+
+def barrier_by_segment(space, a, b, target, *, delta=1e-3, iters=512, lr=0.01, lambda_l2=1.0,
+                       lambda_hf=0.05, hf="tv", tol=None, points_per_segment=33, max_depth=5,
+                       ends="optimise", end_tol=0.1, end_iters=None, chunk=None):
+    """find_barrier's rules for one pair, every segment and every barrier point on its own."""
+    from somprobe.paths.anchors import cross_entropy, segment_values
+    from somprobe.paths.core import CHUNK, _logits
+    from somprobe.paths.optimise import minimise_loss
+
+    chunk = chunk or CHUNK
+    shape = tuple(a.shape[1:])
+    tgt = target.long()[:1]
+    opt = dict(lr=lr, lambda_l2=lambda_l2, lambda_hf=lambda_hf, hf=hf, clip=getattr(space, "clip", None))
+
+    def logits(x):
+        return _logits(space, x)
+
+    pts = {0.0: a[0].detach().flatten().clone(), 1.0: b[0].detach().flatten().clone()}
+    st = dict(rounds=0, iterations=0, success=False, failed=False, max_loss=np.nan)
+    loss = {}
     with torch.no_grad():
-        preds = torch.cat([net(x[i:i + 200]).argmax(1) for i in range(0, len(x), 200)]).numpy()
-    df, _ = same_class_pairs(np.asarray(ds.labels)[pool], preds, n_pairs=n_pairs, seed=seed)
-    return x[df["a"].to_numpy()], x[df["b"].to_numpy()], torch.as_tensor(df["class"].to_numpy())
+        for k in (0.0, 1.0):
+            loss[k] = float(cross_entropy(logits(pts[k].reshape(1, *shape)), tgt).double()[0])
+    alive = all(math.isfinite(v) for v in loss.values())
+    if ends == "optimise" and alive:
+        for k in (0.0, 1.0):
+            if loss[k] > end_tol:
+                res = minimise_loss(logits, pts[k].reshape(1, *shape), tgt,
+                                    iters=iters if end_iters is None else end_iters, tol=end_tol, **opt)
+                pts[k] = res.x.flatten(1)[0]
+                loss[k] = float(res.loss[0])
+                st["iterations"] += int(res.iterations[0])
+                alive &= bool(res.finite[0])
+    pair_end = float(np.fmax(loss[0.0], loss[1.0]))
+    if ends != "keep" and alive and pair_end > end_tol:
+        alive = False
+    st["failed"] = not alive
+    T = int(points_per_segment)
+    seg_tol = pair_end + delta / 2 if tol is None else tol
+    max_loss, final_gap, first_gap, limited, rnd = -np.inf, -np.inf, np.nan, False, 0
+    open_ = [(0.0, 1.0)] if alive else []
+    while open_:
+        need = []
+        for l, r in open_:
+            vals, _, _ = segment_values(logits, pts[l][None], pts[r][None], [T - 1], shape=shape, chunk=chunk)
+            ce = cross_entropy(vals, tgt.expand(T)).double().numpy()
+            if not np.isfinite(ce).all():
+                alive = False
+                st["failed"] = True
+                break
+            gap = ce.max() - pair_end
+            if rnd == 0:
+                first_gap = gap
+            if gap >= delta and rnd < max_depth:
+                need.append((l, r, ce))
+            else:
+                max_loss = max(max_loss, ce.max())
+                final_gap = max(final_gap, gap)
+                limited |= gap >= delta
+        if not alive or not need:
+            break
+        found = []
+        for l, r, ce in need:
+            ts = torch.tensor((np.argmax(ce[1:-1]) + 1) / (T - 1), dtype=pts[l].dtype)
+            b0 = pts[l] + ts * (pts[r] - pts[l])
+            res = minimise_loss(logits, b0.reshape(1, *shape), tgt, iters=iters, tol=seg_tol, **opt)
+            st["iterations"] += int(res.iterations[0])
+            found.append((l, r, res))
+        st["rounds"] += 1
+        if not all(res.finite[0] for *_, res in found):
+            alive = False
+            st["failed"] = True
+            break
+        if any(res.loss[0] - pair_end >= delta for *_, res in found):
+            alive = False                  # a stuck B′: the pair stops (no path), as the library
+            break
+        open_ = []
+        for l, r, res in found:
+            m = 0.5 * (l + r)
+            pts[m] = res.x.flatten(1)[0]
+            open_ += [(l, m), (m, r)]
+        rnd += 1
+    done = alive and np.isfinite(max_loss)
+    st.update(max_loss=max_loss if done else np.nan, success=done and not limited,
+              segments=len(pts) - 1, n_anchors=len(pts), end_loss=pair_end,
+              final_gap=final_gap if done else np.nan, barrier_gap=first_gap)
+    return _one(pts, st)
 
 
-def compare(batch, singles, keys):
-    agree = {}
+def regions_by_segment(space, a, b, target, *, spacing=1e-4, margin=0.1, overshoot=0.02, proj_steps=50,
+                       max_depth=10, recurse="both", chunk=None, projection="leading"):
+    """find_region_path's rules (Algorithm 1) for one pair, every midpoint, projection and
+    check on its own."""
+    from somprobe.paths.anchors import segment_values
+    from somprobe.paths.core import CHUNK, _logits
+    from somprobe.paths.regions import project_to_class
+
+    chunk = chunk or CHUNK
+    shape = tuple(a.shape[1:])
+    tgt_t = target.long()[:1]
+    tgt = int(tgt_t[0])
+
+    def logits(x):
+        return _logits(space, x)
+
+    pts = {0.0: a[0].detach().flatten().clone(), 1.0: b[0].detach().flatten().clone()}
+    st = dict(depth=0, success=False, projections=0, points_checked=0, iterations=0)
+    with torch.no_grad():
+        ends = [logits(pts[k].reshape(1, *shape))[0] for k in (0.0, 1.0)]
+    alive = all(bool(torch.isfinite(e).all()) and int(e.argmax()) == tgt for e in ends)
+    base = float((pts[1.0] - pts[0.0]).double().norm())
+    pending = [(0.0, 1.0)] if alive and base > 0 else []
+    step = spacing * base
+    level = 1
+    while pending:
+        mids = [0.5 * (pts[l] + pts[r]) for l, r in pending]
+        with torch.no_grad():
+            lms = [logits(m.reshape(1, *shape))[0] for m in mids]
+        if not all(bool(torch.isfinite(v).all()) for v in lms):
+            alive = False
+            break
+        for j, v in enumerate(lms):
+            if int(v.argmax()) != tgt:
+                res = project_to_class(space, mids[j].reshape(1, *shape), tgt_t, margin=margin,
+                                       overshoot=overshoot, max_steps=proj_steps, method=projection)
+                st["iterations"] += int(res.iterations[0])
+                st["projections"] += 1
+                img = res.images.flatten(1)[0]
+                alive &= bool(res.converged[0]) and bool(torch.isfinite(img).all())
+                mids[j] = img.to(mids[j])
+        if not alive:
+            break
+        st["depth"] = level
+        nxt = []
+        for (l, r), m in zip(pending, mids):
+            k = 0.5 * (l + r)
+            pts[k] = m
+            halves = ((l, k), (k, r))
+            wrong = []
+            for hl, hr in halves:
+                n = max(1, int(np.ceil(float((pts[hr] - pts[hl]).double().norm()) / step)))
+                vals, seg, _ = segment_values(logits, pts[hl][None], pts[hr][None], [n], shape=shape,
+                                              chunk=chunk, include_ends=False)
+                st["points_checked"] += max(n - 1, 0)
+                wrong.append(bool(len(seg)) and bool(((vals.argmax(1) != tgt)
+                                                      | ~torch.isfinite(vals).all(1)).any()))
+            if any(wrong):
+                for (hl, hr), w in zip(halves, wrong):
+                    if w:
+                        nxt.append((hl, hr))
+                    elif recurse == "both":   # FINDPATH on a valid half returns it with its midpoint
+                        pts[0.5 * (hl + hr)] = 0.5 * (pts[hl] + pts[hr])
+        if level >= max_depth and nxt:
+            alive = False
+            break
+        pending = nxt
+        level += 1
+    st.update(success=alive, anchors=len(pts))
+    return _one(pts, st)
+
+
+# ----------------------------------------------------------------------------- comparison
+def compare(batch, singles, keys, dist, extras=()):
+    """Agreement of the batched result with the one-at-a-time results (see the module docstring).
+
+    ``dist``: each pair's straight distance ‖a − b‖₂ (the scale of the relative anchor drift).
+    ``extras``: columns shown next to a pair whose discrete columns differ (not compared)."""
+    agree, bad = {}, np.zeros(len(singles), dtype=bool)
     for k in keys:
+        if k == "max_loss":
+            continue
         one = np.concatenate([s.stats[k] for s in singles])
-        agree[k] = float(np.mean(np.asarray(batch.stats[k]) == one))
-    diff = 0.0
+        eq = np.asarray(batch.stats[k]) == one
+        bad |= ~eq
+        agree[k] = float(np.mean(eq))
+    diff, rel = 0.0, 0.0
     for i, s in enumerate(singles):
         n = int(s.n_anchors[0])
         if int(batch.n_anchors[i]) == n:
-            diff = max(diff, float((batch.anchors[i, :n] - s.anchors[0, :n]).abs().max()))
+            d = (batch.anchors[i, :n].flatten(1) - s.anchors[0, :n].flatten(1)).double()
+            diff = max(diff, float(d.abs().max()))
+            rel = max(rel, float(d.norm(dim=1).max()) / max(float(dist[i]), 1e-12))
         else:
-            diff = float("inf")
+            diff = rel = float("inf")
     agree["max_anchor_difference"] = diff
-    if "max_loss" in batch.stats:
+    agree["max_anchor_l2_relative_difference"] = rel
+    if "max_loss" in keys:
         one = np.concatenate([s.stats["max_loss"] for s in singles]).astype(float)
         both = np.asarray(batch.stats["max_loss"], dtype=float)
         agree["same_nan_max_loss"] = float(np.mean(np.isnan(both) == np.isnan(one)))
+        bad |= np.isnan(both) != np.isnan(one)
         fin = np.isfinite(both) & np.isfinite(one)
         agree["max_loss_difference"] = float(np.abs(both[fin] - one[fin]).max()) if fin.any() else 0.0
+    agree["n_pairs_differing"] = int(bad.sum())
+    agree["pairs_differing"] = [
+        {"pair": int(i), **{k: [_num(batch.stats[k][i]), _num(singles[i].stats[k][0])]
+                            for k in (*keys, *extras) if k in batch.stats and k in singles[i].stats}}
+        for i in np.flatnonzero(bad)[:5]]
     return agree
+
+
+def _num(v):
+    v = v.item() if hasattr(v, "item") else v
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _warm(net, x):
+    """One forward/backward before timing (one-off allocations and kernel choices)."""
+    xx = x[:2].clone().requires_grad_(True)
+    net(xx).sum().backward()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="/work/runs-shared/mnist5k-s0", help="Run with a trained model/.")
+    ap.add_argument("--run", default="/work/runs-shared/fmnist-resnet18",
+                    help="Run with a trained model/ (its architecture is also the untrained net's).")
+    ap.add_argument("--settings", "--setting", default="natural",
+                    help=f"Comma separated: {', '.join(SETTINGS)}.")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="defaults")
     ap.add_argument("--pairs", type=int, default=50)
-    ap.add_argument("--iters", type=int, default=16, help="Adam budget per barrier point.")
-    ap.add_argument("--max-depth", type=int, default=2)
-    ap.add_argument("--spacing", type=float, default=1e-2, help="Region-path check spacing.")
-    ap.add_argument("--methods", default="barrier,regions", help="barrier, regions or both (comma separated).")
-    ap.add_argument("--projection", default="leading", help="Region paths' projection: leading or deepfool.")
+    ap.add_argument("--region-pairs", type=int, default=None,
+                    help="Pairs for the region paths (the first of the setting's); default --pairs.")
+    ap.add_argument("--iters", type=int, default=None, help="Override: Adam budget per barrier point.")
+    ap.add_argument("--max-depth", type=int, default=None, help="Override: barrier rounds allowed.")
+    ap.add_argument("--spacing", type=float, default=None, help="Override: region-path check spacing.")
+    ap.add_argument("--projection", default=None, help="Override: leading or deepfool.")
+    ap.add_argument("--methods", default="barrier,regions", help="barrier and/or regions.")
+    ap.add_argument("--reference", default="pair,segment", help="pair and/or segment (comma separated).")
     ap.add_argument("--tolerance", type=float, default=1e-4,
-                    help="Region paths: largest anchor difference (batched vs one at a time) still "
-                         "counted as the same.")
+                    help="Region paths: largest anchor difference still counted as the same.")
+    ap.add_argument("--anchor-steps", type=float, default=1.0,
+                    help="Barrier: largest anchor difference in Adam steps (x lr) still the same.")
+    ap.add_argument("--anchor-rel", type=float, default=1e-2,
+                    help="Barrier: largest L2 anchor difference / ||a - b|| still the same when every "
+                         "discrete column and max loss agree (Adam's rounding drift; see docstring).")
     ap.add_argument("--loss-tolerance", type=float, default=1e-4,
-                    help="Barrier: largest difference of a pair's final max loss still counted as the same.")
+                    help="Barrier: largest difference of a pair's final max loss still the same.")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="Also write the result here.")
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
+    say = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    refs = [r.strip() for r in args.reference.split(",") if r.strip()]
+    for name, got, ok in (("--settings", settings, SETTINGS), ("--methods", methods, ("barrier", "regions")),
+                          ("--reference", refs, REFERENCES)):
+        if not got or set(got) - set(ok):
+            raise SystemExit(f"{name}: use {', '.join(ok)} (comma separated), got {','.join(got)!r}")
 
     from somprobe.classifier import load_trained
     from somprobe.paths.barrier import find_barrier
@@ -95,57 +471,127 @@ def main(argv=None):
     net = load_trained(args.run, device="cpu").eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    a, b, t = natural_pairs(net, net.meta, args.pairs, args.seed)
-    sp = make_space(net, "input")
-    bar_kw = dict(iters=args.iters, lr=0.01, max_depth=args.max_depth, points_per_segment=17,
-                  ends="keep")
-    reg_kw = dict(spacing=args.spacing, margin=0.1, max_depth=6, projection=args.projection)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"barrier", "regions"})
-    if unknown or not methods:
-        raise SystemExit(f"--methods: use barrier and/or regions, got {args.methods!r}")
-    out = {"run": str(args.run), "model": net.meta.get("model"), "dataset": net.meta.get("dataset"),
-           "pairs": int(len(t)), "threads": threads, "barrier_options": bar_kw, "region_options": reg_kw}
-    for name, fn, kw, keys in (
-            ("barrier", find_barrier, bar_kw, ("n_anchors", "rounds", "segments", "success", "iterations")),
-            ("regions", find_region_path, reg_kw, ("anchors", "depth", "success", "projections"))):
-        if name not in methods:
-            continue
-        t0 = time.perf_counter()
-        batch = fn(sp, a, b, t, **kw)
-        t_batch = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        singles = [fn(sp, a[i:i + 1], b[i:i + 1], t[i:i + 1], **kw) for i in range(len(t))]
-        t_loop = time.perf_counter() - t0
-        for s in [batch, *singles]:
-            s.stats["n_anchors"] = s.n_anchors.numpy()
-        out[name] = {
-            "seconds_batched": round(t_batch, 2), "seconds_one_at_a_time": round(t_loop, 2),
-            "speedup": round(t_loop / t_batch, 2), "agreement": compare(batch, singles, keys),
-            "mean_rounds" if name == "barrier" else "mean_anchors":
-                float(np.mean(batch.stats["rounds" if name == "barrier" else "anchors"])),
-            "success": float(np.mean(batch.stats["success"])),
-        }
-        print(f"{name}: batched {t_batch:.1f} s, one at a time {t_loop:.1f} s, "
-              f"x{t_loop / t_batch:.1f}", file=sys.stderr, flush=True)
-    # Barrier anchors come out of Adam, whose per-element normalised step turns float rounding of
-    # near-zero gradient entries (a batch of 50 and a batch of 1 round differently) into moves of
-    # up to lr per step: they count as the same within one step (lr) when every discrete column and
-    # every final max loss agree. Region anchors are compared to --tolerance.
-    tol = {"barrier": bar_kw["lr"], "regions": args.tolerance}
-    same = {}
-    for m in methods:
-        ag = out[m]["agreement"]
-        same[m] = (all(v == 1.0 for k, v in ag.items() if not k.endswith("_difference"))
-                   and ag["max_anchor_difference"] <= tol[m]
-                   and ag.get("max_loss_difference", 0.0) <= args.loss_tolerance)
-    out["same_results"] = same
+    meta = net.meta
+    bar0, reg0 = PRESETS[args.preset]
+    bar_kw, reg_kw = dict(bar0), dict(reg0)
+    for key, val, kw in (("iters", args.iters, bar_kw), ("max_depth", args.max_depth, bar_kw),
+                         ("spacing", args.spacing, reg_kw), ("projection", args.projection, reg_kw)):
+        if val is not None:
+            kw[key] = val
+    n_reg = args.region_pairs or args.pairs
+    out = {"run": str(args.run), "model": meta.get("model"), "dataset": meta.get("dataset"),
+           "threads": threads, "preset": args.preset, "barrier_options": bar_kw, "region_options": reg_kw,
+           "note": "options not listed are the functions' defaults", "settings": {}}
+    rows = []
+    same_all = True
+    for setting in settings:
+        say(f"setting {setting}: drawing pairs")
+        res_s = out["settings"][setting] = {}
+        n_all = max(args.pairs if "barrier" in methods else 0, n_reg if "regions" in methods else 0)
+        drawn = None                           # trained-net pairs, drawn once; methods take a prefix
+        if setting == "natural":
+            drawn = natural_pairs(net, meta, n_all, args.seed)
+        elif setting == "pgd":
+            drawn = pgd_pairs(net, meta, n_all, args.seed, say=say)
+        for method in methods:
+            kw = dict(bar_kw if method == "barrier" else reg_kw)
+            n = args.pairs if method == "barrier" else n_reg
+            model = net
+            if drawn is not None:
+                a, b, t, info = drawn[0][:n], drawn[1][:n], drawn[2][:n], drawn[3]
+            elif method == "barrier":          # noise-optimal: untrained net, ends optimised in the run
+                model, a, b, t, info = untrained_noise_pairs(meta, n, args.seed)
+                kw["ends"] = "optimise"
+                if args.preset == "light":
+                    kw["end_iters"] = 512
+            else:                              # noise-optimal, region paths: study 002 (b)
+                a, b, t, info = noise_adversarial_pairs(net, meta, n, args.seed)
+            sp = make_space(model, "input")
+            _warm(model, a)
+            fn, ref_fn = (find_barrier, barrier_by_segment) if method == "barrier" else \
+                (find_region_path, regions_by_segment)
+            keys = (("n_anchors", "rounds", "segments", "success", "iterations", "max_loss")
+                    if method == "barrier" else ("n_anchors", "anchors", "depth", "success", "projections",
+                                                 "iterations", "points_checked"))
+            extras = ("end_loss", "barrier_gap", "final_gap", "reason") if method == "barrier" else ("reason",)
+            dist = (a - b).flatten(1).double().norm(dim=1).numpy()
+            say(f"{setting} / {method}: {len(t)} pairs, batched")
+            batch, t_batch = _timed(lambda: fn(sp, a, b, t, **kw))
+            batch.stats["n_anchors"] = batch.n_anchors.numpy()
+            r = {"pairs": int(len(t)), **info, "options": kw, "seconds_batched": round(t_batch, 2),
+                 "agreement": {}}
+            for ref in refs:
+                say(f"{setting} / {method}: one {ref} at a time")
+                call = fn if ref == "pair" else ref_fn
+                singles, t_ref = _timed(lambda: [call(sp, a[i:i + 1], b[i:i + 1], t[i:i + 1], **kw)
+                                                 for i in range(len(t))])
+                for s in singles:
+                    s.stats["n_anchors"] = np.asarray(s.n_anchors)
+                r[f"seconds_one_{ref}_at_a_time"] = round(t_ref, 2)
+                r[f"speedup_vs_{ref}"] = round(t_ref / t_batch, 2)
+                r["agreement"][ref] = compare(batch, singles, keys, dist, extras)
+            st = batch.stats
+            r["success"] = float(np.mean(st["success"]))
+            if method == "barrier":
+                r["mean_rounds"] = float(np.mean(st["rounds"]))
+                r["mean_segments"] = float(np.mean(st["segments"]))
+                r["share_gap_above_delta"] = float(np.mean(np.asarray(st["barrier_gap"]) >= kw.get("delta", 1e-3)))
+                r["ends_optimised"] = float(np.mean(st["ends_optimised"]))
+                r["mean_iterations"] = float(np.mean(st["iterations"]))
+                tol = args.anchor_steps * kw.get("lr", 0.01)
+            else:
+                r["mean_anchors"] = float(np.mean(st["anchors"]))
+                r["mean_points_checked"] = float(np.mean(st["points_checked"]))
+                r["mean_projections"] = float(np.mean(st["projections"]))
+                tol = args.tolerance
+            reasons = [str(x)[:50] for x in st["reason"] if x]
+            r["reasons"] = {k: reasons.count(k) for k in sorted(set(reasons))}
+            same = {}
+            for ref, ag in r["agreement"].items():
+                exact = (not ag["pairs_differing"]
+                         and ag.get("max_loss_difference", 0.0) <= args.loss_tolerance)
+                near = ag["max_anchor_difference"] <= tol
+                # Barrier anchors that drifted further by Adam's amplification of rounding count
+                # as the same when every decision and the loss curves' maxima agree and the anchors
+                # lie within --anchor-rel of the pair's length (module docstring).
+                drift = (method == "barrier"
+                         and ag["max_anchor_l2_relative_difference"] <= args.anchor_rel)
+                same[ref] = bool(exact and (near or drift))
+                ag["anchors_within"] = ("tolerance" if near else
+                                        "relative drift (--anchor-rel)" if drift else "NO")
+            r["same_results"] = same
+            same_all &= all(same.values())
+            res_s[method] = r
+            rows.append((setting, method, r))
+            say(f"{setting} / {method}: batched {t_batch:.1f} s, "
+                + ", ".join(f"one {ref} at a time {r[f'seconds_one_{ref}_at_a_time']:.1f} s "
+                            f"(x{r[f'speedup_vs_{ref}']:.1f})" for ref in refs)
+                + f", same: {same}")
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=2) + "\n")   # partial results survive
+    out["same_results"] = bool(same_all)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    if not all(same.values()):
-        bad = ", ".join(m for m, ok in same.items() if not ok)
+    ref_cols = " | ".join(f"one {ref} at a time s | x vs {ref}" for ref in refs)
+    print(f"\n| setting | method | pairs | batched s | {ref_cols} | same results | "
+          "mean rounds / anchors | success |")
+    print("|" + "---|" * (7 + 2 * len(refs)))
+    for setting, method, r in rows:
+        cols = " | ".join(f"{r[f'seconds_one_{ref}_at_a_time']:.1f} | **{r[f'speedup_vs_{ref}']:.1f}x**"
+                          for ref in refs)
+        sameword = ", ".join(
+            f"{ref}: " + ("yes" if ok and r["agreement"][ref]["anchors_within"] == "tolerance" else
+                          "yes (anchor drift)" if ok else
+                          f"NO ({r['agreement'][ref]['n_pairs_differing']}/{r['pairs']} pairs differ)"
+                          if r["agreement"][ref]["n_pairs_differing"] else "NO (anchors)")
+            for ref, ok in r["same_results"].items())
+        mean = (f"{r['mean_rounds']:.2f} rounds" if method == "barrier" else f"{r['mean_anchors']:.1f} anchors")
+        print(f"| {setting} | {method} | {r['pairs']} ({r['source']}) | {r['seconds_batched']:.1f} | {cols} | "
+              f"{sameword} | {mean} | {r['success']:.0%} |")
+    if not same_all:
+        bad = ", ".join(f"{s}/{m}" for s, m, r in rows if not all(r["same_results"].values()))
         raise SystemExit(f"batched and one-at-a-time results differ for: {bad} (see 'agreement')")
 
 
