@@ -54,38 +54,39 @@ Output: one JSON object (``--json`` also writes it, after every row too) and a m
 one row per (setting, method): seconds batched, one pair at a time, one segment at a time, both
 speed-ups, same results, mean rounds (barrier) / anchors (regions), success.
 
-Same results. For every pair the discrete columns must be equal (anchor count, rounds,
-segments, success, Adam iterations; region paths: depth, projections, projection steps, points
-checked) and a barrier pair's final max loss within ``--loss-tolerance`` (1e-4). Anchors: region
-anchors within ``--tolerance`` (1e-4, Linf). Barrier anchors come out of Adam, and they are not
-bit-for-bit reproducible across batch sizes: the network's logits for the same input differ by
-~5e-7 between a batch of 1 and of 24 (oneDNN/BLAS pick other kernels; verified, while one batch
-size is exactly repeatable), and Adam's normalised step m̂/√v̂ turns rounding of near-zero gradient
-entries (96 % of the untrained resnet18's input-gradient entries are < 1e-9) into moves of up to
-lr. At the ``light`` preset (8 steps) that stays within one step; at ``defaults`` (512 steps,
-several rounds) it grows: on 12 noise-optimal pairs the anchors of the batched and the
-one-segment-at-a-time runs differed by up to 0.035 (3.5 lr, Linf; 1.0 % of ‖a − b‖ in L2) while
-every discrete column, every Adam iteration count and every max loss (to 2e-7) agreed; the loss
-at those anchors differed by up to 0.0024 (> δ/2): a barrier point stops at the first Adam step
-that takes its loss below max(L(A), L(C)) + δ/2, and one step can take it anywhere below, so two
-equally valid runs differ there. So barrier
-anchors count as the same when they are within ``--anchor-steps`` × lr (Linf) *or* when the
-runs took the same decisions: every column above equal (the per-pair Adam iteration count
-fingerprints every stopping step of every point), the max loss within 1e-4, and every interior
-anchor's loss on the same side of its stopping threshold in both runs (the only thing about a
-B′'s loss the method uses). The JSON reports which criterion held (``anchors_within``), the
-Linf and relative L2 drift, and up to 5 differing pairs with both runs' values. A pair whose
-*decisions* differ is a disagreement (exit status 1), never tolerated: on those 12 pairs, one
-pair reached the depth limit (5 rounds) with a final gap of 4.5e-4 batched and 1.8e-3 one pair at
-a time (δ = 1e-3): success flipped on the rounding drift, not on the batching.
+Same results. For every pair the discrete columns must be equal (anchor count, rounds, segments,
+success, Adam iterations; region paths: depth, projections, projection steps, points checked) and a
+barrier pair's final max loss within ``--loss-tolerance`` (1e-4). Anchors: region anchors within
+``--tolerance`` (1e-4, Linf). Barrier anchors come out of Adam, and they are not bit-for-bit
+reproducible across batch sizes: the network's logits for the same input differ by ~5e-7 between a
+batch of 1 and of 24 (oneDNN/BLAS pick other kernels; verified, while one batch size is exactly
+repeatable), and Adam's normalised step m̂/√v̂ turns rounding of near-zero gradient entries (96 %
+of the untrained resnet18's input-gradient entries are < 1e-9) into moves of up to lr (2 lr between
+two runs after a single step: an element whose tiny gradient changes sign under rounding moves +lr
+in one and −lr in the other). At the ``light`` preset it mostly stays within lr; at ``defaults`` it
+does not: on 20 natural pairs (~2 Adam steps per pair) anchors differed by up to 0.020 (2 lr), and
+with 512-step budgets and several rounds it grows: on 12 noise-optimal pairs the anchors of the
+batched and the one-segment-at-a-time runs differed by up to 0.035 (3.5 lr, Linf; 1.0 % of ‖a − b‖
+in L2) while every discrete column, every Adam iteration count and every max loss (to 2e-7) agreed;
+the loss at those anchors differed by up to 0.0024 (> δ/2): a barrier point stops at the first Adam
+step that takes its loss below max(L(A), L(C)) + δ/2, and one step can take it anywhere below, so
+two equally valid runs differ there. So barrier anchors count as the same when they are within
+``--anchor-steps`` × lr (Linf) *or* when the runs took the same decisions: every column above equal
+(the per-pair Adam iteration count fingerprints every stopping step of every point), the max loss
+within 1e-4, and every interior anchor's loss on the same side of its stopping threshold in both
+runs (the only thing about a B′'s loss the method uses). The JSON reports which criterion held
+(``anchors_within``), the Linf and relative L2 drift, and up to 5 differing pairs with both runs'
+values. A pair whose *decisions* differ is a disagreement (exit status 1), never tolerated: on
+those 12 pairs, one pair reached the depth limit (5 rounds) with a final gap of 4.5e-4 batched and
+1.8e-3 one pair at a time (δ = 1e-3): success flipped on the rounding drift, not on the batching.
 
 What the sanity runs showed (1 thread, a shared machine, fmnist resnet18; ratios in one run):
 
 | setting, preset defaults | method | pairs | batched | vs one pair | vs one segment | notes |
 |---|---|---|---|---|---|---|
-| natural | barrier | 4 | 0.8 s | 1.1x | 1.1x | 0.75 rounds, ~1 Adam step per pair |
+| natural | barrier | 20 | 3.0 s | 1.5x | 1.5x | 0.6 rounds, 2.2 Adam steps per pair |
 | natural | regions (spacing 1e-4) | 2 | 35 s | 1.0x | 1.2x | 10,000 checked points per pair |
-| pgd | barrier | 4 | 0.7 s | 1.3x | 1.4x | ends optimised to 0.1 first, 2 steps |
+| pgd | barrier | 20 | 4.4 s | 1.5x | 1.6x | 1.0 rounds, ends optimised to 0.1, 4 steps |
 | pgd | regions | 2 | 33 s | 1.0x | 1.0x | |
 | noise-optimal | barrier | 12 | 38-41 s | 1.8x | 2.0-2.1x | 3.8 rounds, 10.5 segments, 245 steps |
 | noise-optimal | regions (noise-adv.) | 1 | 16 s | 1.0x | 1.0x | |
@@ -98,8 +99,8 @@ on the untrained network, where Adam matters, rows stop on their own and the las
 run alone: of 660 gradient passes of the batched 12-pair run, 439 had batch 1 or 2 (profiled).
 
 Expected times (1-thread sanity numbers extrapolated; 2 threads on a quiet machine roughly 0.6x):
-natural at 50 barrier pairs + 5 region pairs ~5 min on 1 thread; pgd the same plus ~1.5 min of
-PGD set-up (~5 % of the correctly classified fmnist test images become adversarial at 4/255);
+natural at 50 barrier pairs + 5 region pairs ~5 min on 1 thread; pgd the same plus ~1 min of
+PGD set-up (38 successes from 500 correctly classified fmnist test images at 4/255);
 noise-optimal barrier at 50 pairs ~12 min on 1 thread with both references (~7 min with
 ``--reference pair``); noise-adversarial region paths 15-60 s per pair per reference. Region
 paths at the study's spacing 1e-4 cost minutes per pair and cannot gain from batching, hence
@@ -118,9 +119,9 @@ The timed runs for the record (issue 10: >= 5x for 50 pairs; quiet machine, 2 th
     # 4. study 000's untrained network, 50 pairs, stricter reference only (~4-5 min)
     OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings noise-optimal \\
         --methods barrier --preset defaults --pairs 50 --reference pair --threads 2 --json brs_noise50.json
-    # 5. both references and the noise-adversarial region row on fewer pairs (~5 min)
+    # 5. both references and the noise-adversarial region row on fewer pairs (~4-6 min)
     OMP_NUM_THREADS=2 python benchmarks/barriers_regions_speed.py --settings noise-optimal \\
-        --preset defaults --pairs 20 --region-pairs 2 --threads 2 --json brs_noise20.json
+        --preset defaults --pairs 16 --region-pairs 2 --threads 2 --json brs_noise16.json
 """
 from __future__ import annotations
 
