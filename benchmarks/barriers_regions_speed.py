@@ -89,7 +89,7 @@ What the sanity runs showed (1 thread, a shared machine, fmnist resnet18; ratios
 | pgd | barrier | 20 | 4.4 s | 1.5x | 1.6x | 1.0 rounds, ends optimised to 0.1, 4 steps |
 | pgd | regions | 2 | 33 s | 1.0x | 1.0x | |
 | noise-optimal | barrier | 12 | 38-41 s | 1.8x | 2.0-2.1x | 3.8 rounds, 10.5 segments, 245 steps |
-| noise-optimal | regions (noise-adv.) | 1 | 16 s | 1.0x | 1.0x | |
+| noise-optimal | regions (noise-adv.) | 3 | 79 s | 1.0x | 1.1x | 7 anchors, 27 s per pair |
 
 Why not 5x at the defaults: (1) the loss-curve and label checks are ~linear in pairs whichever
 way they run, and one pair already fills a batch (33 points per segment; 10,000+ points per pair
@@ -102,7 +102,7 @@ Expected times (1-thread sanity numbers extrapolated; 2 threads on a quiet machi
 natural at 50 barrier pairs + 5 region pairs ~5 min on 1 thread; pgd the same plus ~1 min of
 PGD set-up (38 successes from 500 correctly classified fmnist test images at 4/255);
 noise-optimal barrier at 50 pairs ~12 min on 1 thread with both references (~7 min with
-``--reference pair``); noise-adversarial region paths 15-60 s per pair per reference. Region
+``--reference pair``); noise-adversarial region paths ~27 s per pair per reference. Region
 paths at the study's spacing 1e-4 cost minutes per pair and cannot gain from batching, hence
 ``--region-pairs``.
 
