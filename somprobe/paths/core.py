@@ -235,11 +235,11 @@ def _walk_affine(space: Space, anchors: Tensor, n_anchors: Tensor, pair: Tensor,
     each segment's grid is the interpolation of its ends' logits (float rounding aside: ~1e-6
     relative). A non-finite anchor makes its segments non-finite, as evaluating the points would.
     """
+    if not len(pair):
+        return
     P, K = anchors.shape[:2]
     valid = torch.arange(K, device=anchors.device)[None] < n_anchors[:, None]
     pts = anchors[valid]
-    if not len(pair):
-        return
     ends = torch.cat([_logits(space, pts[i:i + chunk]).float() for i in range(0, len(pts), chunk)])
     C = ends.shape[1]
     table = ends.new_full((P, K, C), float("nan"))
