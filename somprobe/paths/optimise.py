@@ -22,7 +22,9 @@ conv feature maps) and is zero for points of any other shape (token sequences, v
 Adam is written out per row (it is element-wise anyway) so that every row stops on its own: a row
 whose cross-entropy is below its tolerance, or whose loss or gradient is not finite, is frozen and
 drops out of later forward passes. Rows never interact, so a batch gives the same result as
-running each row alone.
+running each row alone up to float rounding: a network's logits for one input can differ in the
+last bits between batch sizes (other kernels), and Adam's normalised step can turn that into
+moves of up to ``lr`` on entries whose gradient is near zero.
 """
 from __future__ import annotations
 
