@@ -54,6 +54,15 @@ class ThreeRing(nn.Module):
         return 4 * torch.stack([torch.minimum(r - 1, 2 - r), 1 - r, r - 2], 1)
 
 
+def _flat_linear(n_in: int, n_classes: int, *, gain: float) -> nn.Module:
+    """A linear classifier on flattened images, torch's default init (seed 0) scaled by ``gain``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(n_in, n_classes))
+    with torch.no_grad():
+        net[1].weight.mul_(gain)
+    return net.eval()
+
+
 def _lead(model, x, t):
     out = model(x)
     other = out.scatter(1, t[:, None], float("-inf")).amax(1)
@@ -142,11 +151,7 @@ def test_soft_maximum_stops_the_ping_pong_between_two_leaders():
     # leading class alone the step away from one leader makes another lead, 100 steps without
     # arriving (targeted DeepFool needs 97); the soft maximum arrives in a few steps, moving
     # no more than 1 % further.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
-    with torch.no_grad():
-        net[1].weight.mul_(10)
-    net.eval()
+    net = _flat_linear(3 * 5 * 5, 4, gain=10)
     noise = torch.rand((5, 3, 5, 5), generator=torch.Generator().manual_seed(3))
     t = torch.tensor([0, 1, 2, 3, 1])
     # (box_aware off: stepping and clipping as DeepFool, to isolate the competitor's effect)
@@ -170,11 +175,7 @@ def test_box_aware_step_does_not_stall_on_saturated_pixels():
     # A black background (pixels at 0) and a linear classifier whose way into the target needs
     # some background pixels darker (impossible) and others brighter: stepping and then clipping
     # throws the impossible part away at every step; leaving it out of the step arrives at once.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
-    with torch.no_grad():
-        net[1].weight.mul_(5)
-    net.eval()
+    net = _flat_linear(3 * 6 * 6, 3, gain=5)
     x = torch.zeros(6, 3, 6, 6)
     x[:, :, 2:4, 2:4] = 0.6                               # a small bright object
     with torch.no_grad():
